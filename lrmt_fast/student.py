@@ -1,0 +1,55 @@
+"""Functional student helpers: parameters as a dict, forward with
+:func:`torch.func.functional_call`, first-order gradients and activations."""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .capture import ActivationCapture
+
+Tensor = torch.Tensor
+
+
+def param_dict(model: nn.Module, detach: bool = True) -> Dict[str, Tensor]:
+    return {k: (v.detach().clone() if detach else v) for k, v in model.named_parameters()}
+
+
+def features(model: nn.Module, params: Dict[str, Tensor], x: Tensor) -> Tensor:
+    """The representation of ``x`` under ``params`` (differentiable in params)."""
+    return _call(model, params, "features", x)
+
+
+def logits(model: nn.Module, params: Dict[str, Tensor], x: Tensor, head: str) -> Tensor:
+    return _call(model, params, "forward", x, head)
+
+
+def _call(model, params, method, *args):
+    # functional_call on a bound method other than forward: swap forward for the call
+    if method == "forward":
+        return functional_call(model, params, args)
+    orig = model.forward
+    try:
+        model.forward = getattr(model, method)
+        return functional_call(model, params, args)
+    finally:
+        model.forward = orig
+
+
+def grads_and_acts(model: nn.Module, params: Dict[str, Tensor], x: Tensor, y: Tensor,
+                   head: str, modules: Iterable[str]) -> Tuple[Tensor, Dict[str, Tensor], Dict]:
+    """Cross-entropy loss on (x, y) through ``head``; first-order gradients for every
+    parameter (detached), and the captured activations of ``modules``.
+
+    The forward runs on detached leaves, so no graph reaches earlier meta-steps.
+    """
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    with ActivationCapture(model, modules) as acts:
+        loss = F.cross_entropy(logits(model, leaves, x, head), y)
+    names = list(leaves)
+    gs = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+    grads = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(names, gs)}
+    return loss.detach(), grads, dict(acts)
