@@ -181,7 +181,9 @@ def meta_loss(model, teacher, student, x, cfg: MetaTrainConfig) -> Tensor:
 
 # --------------------------------------------------------------------------- sync
 class LocalSync:
-    """Single-process stand-in for the collective operations of distributed training."""
+    """Single-process stand-in for the collective operations of distributed training
+    (:class:`lrmt_fast.distributed.DistSync` is the multi-process one; it also has an
+    optional ``sync_start(meta, opt, start, history)`` that :func:`metatrain` calls)."""
 
     rank = 0
     world_size = 1
@@ -278,6 +280,8 @@ def metatrain(model: nn.Module, stream: TaskStream, cfg: MetaTrainConfig, out_di
         meta.load_state_dict(ck["meta_state"])
         opt.load_state_dict(ck["opt_state"])
         start, history = int(ck["next_episode"]), list(ck["history"])
+    if hasattr(sync, "sync_start"):     # distributed: every rank starts from rank 0's state
+        start, history = sync.sync_start(meta, opt, start, history)
     bar = None
     if progress and sync.rank == 0:
         from tqdm.auto import tqdm
