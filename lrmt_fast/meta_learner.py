@@ -197,6 +197,11 @@ class MetaLearner(nn.Module):
         new_params: Dict[str, Tensor] = {}
         new_state = {}
         deltas = {}
+        dev = params[self.layers[0].weight].device if self.layers else None
+        if ops.resolve_impl(impl, dev) == "fused":
+            # one op call for every adapted layer (lrmt_fast._C), same results
+            return ops.network_step(self, params, grads, acts, state, lr, snapshot=snapshot)
+        impl = "reference"
         for lay in self.layers:
             theta = self.learner(lay).theta()
             if snapshot:
@@ -216,6 +221,13 @@ class MetaLearner(nn.Module):
     def step_(self, params: Dict[str, Tensor], grads: Dict[str, Tensor],
               acts: Dict[str, Tuple[Tensor, Tensor]], state, lr: float, impl: Optional[str] = None):
         """No-grad update (meta-test): writes the new values into ``params`` and ``state``."""
+        from . import ops
+
+        dev = params[self.layers[0].weight].device if self.layers else None
+        if ops.resolve_impl(impl, dev) == "fused":
+            # in place, one op call for every adapted layer (lrmt_fast._C)
+            return ops.network_step_(self, params, grads, acts, state, lr)
+        impl = "reference"
         new_params, new_state, deltas = self.step(params, grads, acts, state, lr, impl=impl)
         for k, v in new_params.items():
             params[k].copy_(v)

@@ -1,0 +1,592 @@
+// CPU pointwise / reduction stages of the fused meta-update step.
+//
+// Every kernel is one pass over its data, parallel over rows (neurons) with
+// at::parallel_for and vectorisable inner loops (`#pragma omp simd`). float32
+// uses branch-free polynomial exp / tanh (Cephes-style, about 1 ulp) so that the
+// loops vectorise; float64 uses libm. The float32 row functions are compiled
+// twice, for AVX2+FMA and for the baseline ISA, and picked at run time.
+// Denormals are flushed to zero (FTZ/DAZ) inside the kernels.
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#define LRMT_X86 1
+#endif
+
+#if defined(__GNUC__)
+#define LRMT_INLINE inline __attribute__((always_inline))
+#else
+#define LRMT_INLINE inline
+#endif
+
+namespace lrmt {
+namespace cpu {
+namespace {
+
+// ----------------------------------------------------------------------------------
+// scalar math
+// ----------------------------------------------------------------------------------
+LRMT_INLINE float bits_to_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+// exp(x) for float32: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial (Cephes expf).
+LRMT_INLINE float fexp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float kMagic = 12582912.0f;  // 1.5 * 2^23: round to nearest integer by addition
+  float n = (x * 1.44269504088896341f + kMagic) - kMagic;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  return p * bits_to_float(e);
+}
+
+LRMT_INLINE float fsigmoid(float x) { return 1.0f / (1.0f + fexp(-x)); }
+
+// tanh for float32: odd polynomial for |x| < 0.625 (Cephes tanhf), else 1 - 2/(exp(2|x|)+1).
+LRMT_INLINE float ftanh(float x) {
+  float ax = std::fabs(x);
+  float z = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  float small = x + x * z * p;
+  float e = fexp(std::min(2.0f * ax, 88.0f));
+  float big = 1.0f - 2.0f / (e + 1.0f);
+  big = std::copysign(big, x);
+  return ax < 0.625f ? small : big;
+}
+
+LRMT_INLINE float t_sigmoid(float x) { return fsigmoid(x); }
+LRMT_INLINE float t_tanh(float x) { return ftanh(x); }
+LRMT_INLINE double t_sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+LRMT_INLINE double t_tanh(double x) { return std::tanh(x); }
+
+struct FtzGuard {
+#ifdef LRMT_X86
+  unsigned int old;
+  FtzGuard() : old(_mm_getcsr()) { _mm_setcsr(old | 0x8040u); }  // FTZ | DAZ
+  ~FtzGuard() { _mm_setcsr(old); }
+#endif
+};
+
+// Grow-only per-thread scratch (no allocation once warm).
+template <typename T>
+T* scratch(int slot, int64_t n) {
+  thread_local std::vector<T> bufs[4];
+  auto& b = bufs[slot];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(static_cast<size_t>(n));
+  return b.data();
+}
+template <typename T>
+const T* zeros(int64_t n) {
+  thread_local std::vector<T> z;
+  if (static_cast<int64_t>(z.size()) < n) z.assign(static_cast<size_t>(n), T(0));
+  return z.data();
+}
+
+int64_t grain_rows(int64_t cols) {
+  // about 16k elements per task
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols));
+}
+
+// ----------------------------------------------------------------------------------
+// row-range implementations (inlined into the ISA-specific wrappers below)
+// ----------------------------------------------------------------------------------
+template <typename T>
+LRMT_INLINE void prep_rows(const PrepArgs<T>& a, int64_t k0, int64_t k1) {
+  const int64_t P = a.P, D0 = a.D0, c0 = 2 * P, c1 = 2 * P + a.cinp;
+  const T f0 = a.fs[0], f1 = a.fs[1], f2 = a.fs[2], f3 = a.fs[3];
+  for (int64_t k = k0; k < k1; ++k) {
+    const T* src = a.wih0 + k * D0;
+    T* dst = a.ws + k * D0;
+#pragma omp simd
+    for (int64_t i = 0; i < P; ++i) dst[i] = src[i] * f0;
+#pragma omp simd
+    for (int64_t i = P; i < c0; ++i) dst[i] = src[i] * f1;
+#pragma omp simd
+    for (int64_t i = c0; i < c1; ++i) dst[i] = src[i] * f2;
+    dst[c1] = src[c1] * f3;
+    if (a.bvec) {
+      T acc = a.b0[k];
+      if (a.pre) {
+        const T* wp = dst + c0;
+        const T* pre = a.pre;
+        const int64_t np = a.npre;
+        T s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t c = 0; c < np; ++c) s += wp[c] * pre[c];
+        acc += s;
+        if (a.pre_one) acc += wp[np];
+      }
+      a.bvec[k] = acc;
+    }
+  }
+}
+
+template <typename T>
+LRMT_INLINE void cell_fwd_rows(const CellFwdArgs<T>& a, const T* vbuf, T* buf, int64_t r0, int64_t r1) {
+  const int64_t H = a.H, G4 = 4 * H;
+  const int nr = a.r1.n;
+  for (int64_t j = r0; j < r1; ++j) {
+    const T* Aj = a.A + j * G4;
+    const T* bias = a.bias;
+#pragma omp simd
+    for (int64_t k = 0; k < G4; ++k) buf[k] = Aj[k] + bias[k];
+    for (int m = 0; m < nr; ++m) {
+      const T um = a.r1.u[m][j * a.r1.us[m]];
+      const T* vm = vbuf + m * G4;
+#pragma omp simd
+      for (int64_t k = 0; k < G4; ++k) buf[k] += um * vm[k];
+    }
+    const T* cin = a.c_in + j * H;
+    T* hout = a.h_out + j * H;
+    T* cout = a.c_out + j * H;
+    const T* bi = buf;
+    const T* bf = buf + H;
+    const T* bg = buf + 2 * H;
+    const T* bo = buf + 3 * H;
+    if (a.gates && a.x_out) {
+      T* gj = a.gates + j * G4;
+      T* xj = a.x_out + j * H;
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) {
+        T i = t_sigmoid(bi[k]), f = t_sigmoid(bf[k]), g = t_tanh(bg[k]), o = t_sigmoid(bo[k]);
+        T c = f * cin[k] + i * g;
+        T h = o * t_tanh(c);
+        cout[k] = c;
+        hout[k] = h;
+        gj[k] = i;
+        gj[H + k] = f;
+        gj[2 * H + k] = g;
+        gj[3 * H + k] = o;
+        xj[k] = h > T(0) ? h : T(0);
+      }
+    } else {
+      T* xj = a.x_out ? a.x_out + j * H : buf + G4;  // buf has room for a dummy row
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) {
+        T i = t_sigmoid(bi[k]), f = t_sigmoid(bf[k]), g = t_tanh(bg[k]), o = t_sigmoid(bo[k]);
+        T c = f * cin[k] + i * g;
+        T h = o * t_tanh(c);
+        cout[k] = c;
+        hout[k] = h;
+        xj[k] = h > T(0) ? h : T(0);
+      }
+    }
+  }
+}
+
+template <typename T, bool kDelta, bool kT>
+LRMT_INLINE void out_fwd_rows_t(const OutFwdArgs<T>& a, int64_t r0, int64_t r1) {
+  const int64_t P = a.P, Pw = a.Pw;
+  const T s = *a.scale, lr = a.lr;
+  const T* bout = a.b_out;
+  for (int64_t j = r0; j < r1; ++j) {
+    const T* Zj = a.Z + j * P;
+    const T* Gj = a.G + j * Pw;
+    const T* Wj = a.W + j * Pw;
+    T* Woj = a.W_out + j * Pw;
+    T* dj = kDelta ? a.delta + j * P : nullptr;
+    T* tj = kT ? a.t_save + j * P : nullptr;
+#pragma omp simd
+    for (int64_t p = 0; p < Pw; ++p) {
+      T t = t_tanh(Zj[p] + bout[p]);
+      T d = s * t;
+      Woj[p] = Wj[p] - lr * d * Gj[p];
+      if (kDelta) dj[p] = d;
+      if (kT) tj[p] = t;
+    }
+    if (a.Wb) {
+      T t = t_tanh(Zj[Pw] + bout[Pw]);
+      T d = s * t;
+      a.Wb_out[j] = a.Wb[j] - lr * d * a.Gb[j];
+      if (kDelta) dj[Pw] = d;
+      if (kT) tj[Pw] = t;
+    }
+  }
+}
+
+template <typename T>
+LRMT_INLINE void out_fwd_rows(const OutFwdArgs<T>& a, int64_t r0, int64_t r1) {
+  if (a.delta && a.t_save) out_fwd_rows_t<T, true, true>(a, r0, r1);
+  else if (a.delta) out_fwd_rows_t<T, true, false>(a, r0, r1);
+  else if (a.t_save) out_fwd_rows_t<T, false, true>(a, r0, r1);
+  else out_fwd_rows_t<T, false, false>(a, r0, r1);
+}
+
+// returns sum(e * t) over the rows
+template <typename T>
+LRMT_INLINE double out_bwd_rows(const OutBwdArgs<T>& a, const T* zrow, int64_t r0, int64_t r1) {
+  const int64_t P = a.P, Pw = a.Pw;
+  const T s = *a.scale, lr = a.lr;
+  double total = 0;
+  for (int64_t j = r0; j < r1; ++j) {
+    const T* gd = a.gdelta ? a.gdelta + j * P : zrow;
+    const T* gw = a.gWn ? a.gWn + j * Pw : zrow;
+    const T* Gj = a.G + j * Pw;
+    const T* tj = a.t + j * P;
+    T* dz = a.dZ + j * P;
+    double acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t p = 0; p < Pw; ++p) {
+      T t = tj[p];
+      T e = gd[p] - lr * Gj[p] * gw[p];
+      dz[p] = e * s * (T(1) - t * t);
+      acc += static_cast<double>(e * t);
+    }
+    if (P > Pw) {
+      T t = tj[Pw];
+      T e = gd[Pw] - lr * a.Gb[j] * (a.gWbn ? a.gWbn[j] : T(0));
+      dz[Pw] = e * s * (T(1) - t * t);
+      acc += static_cast<double>(e * t);
+    }
+    total += acc;
+  }
+  return total;
+}
+
+template <typename T>
+LRMT_INLINE void cell_bwd_rows(const CellBwdArgs<T>& a, const T* zrow, T* srow, int64_t r0, int64_t r1) {
+  const int64_t H = a.H, G4 = 4 * H;
+  for (int64_t j = r0; j < r1; ++j) {
+    const T* g = a.gates + j * G4;
+    const T* gi = g;
+    const T* gf = g + H;
+    const T* gg = g + 2 * H;
+    const T* go = g + 3 * H;
+    const T* cp = a.c_prev + j * H;
+    const T* cn = a.c_new + j * H;
+    const T* hn = a.h_new + j * H;
+    const T* dX = a.dX ? a.dX + j * H : zrow;
+    const T* gh = a.gh ? a.gh + j * H : zrow;
+    const T* gc = a.gc ? a.gc + j * H : zrow;
+    T* dA = a.dA + j * G4;
+    T* gcp = a.gc_prev ? a.gc_prev + j * H : srow;
+#pragma omp simd
+    for (int64_t k = 0; k < H; ++k) {
+      T dh = gh[k] + (hn[k] > T(0) ? dX[k] : T(0));
+      T tc = t_tanh(cn[k]);
+      T i = gi[k], f = gf[k], gv = gg[k], o = go[k];
+      T dc = gc[k] + dh * o * (T(1) - tc * tc);
+      dA[k] = dc * gv * i * (T(1) - i);
+      dA[H + k] = dc * cp[k] * f * (T(1) - f);
+      dA[2 * H + k] = dc * i * (T(1) - gv * gv);
+      dA[3 * H + k] = dh * tc * o * (T(1) - o);
+      gcp[k] = dc * f;
+    }
+  }
+}
+
+template <typename T>
+LRMT_INLINE void col_reduce_rows(const ColReduceArgs<T>& a, double* acc, int64_t r0, int64_t r1) {
+  const int64_t K = a.K;
+  for (int m = 0; m < a.n; ++m) {
+    double* am = acc + m * K;
+    for (int64_t k = 0; k < K; ++k) am[k] = 0.0;
+  }
+  for (int64_t j = r0; j < r1; ++j) {
+    const T* Aj = a.A + j * K;
+    for (int m = 0; m < a.n; ++m) {
+      const double um = a.u[m] ? static_cast<double>(a.u[m][j * a.us[m]]) : 1.0;
+      double* am = acc + m * K;
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) am[k] += um * static_cast<double>(Aj[k]);
+    }
+  }
+}
+
+template <typename T>
+LRMT_INLINE void row_dot_rows(const RowDotArgs<T>& a, const T* vbuf, int64_t r0, int64_t r1) {
+  const int64_t K = a.K;
+  for (int64_t j = r0; j < r1; ++j) {
+    const T* Aj = a.A + j * K;
+    double s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < K; ++k) s += static_cast<double>(Aj[k]) * static_cast<double>(vbuf[k]);
+    a.out[j * a.os] = static_cast<T>((a.base ? static_cast<double>(a.base[j * a.bs]) : 0.0) + s);
+  }
+}
+
+template <typename T>
+LRMT_INLINE void finalize_rows(const FinalizeArgs<T>& a, int64_t k0, int64_t k1) {
+  const int64_t P = a.P, Pw = a.Pw, G4 = a.G4;
+  const T f0 = a.fs[0], f1 = a.fs[1], f2 = a.fs[2], f3 = a.fs[3];
+  for (int64_t k = k0; k < k1; ++k) {
+    T* row = a.dwih0 + k * a.D0;
+    // w and g groups
+    for (int grp = 0; grp < 2; ++grp) {
+      const T f = grp == 0 ? f0 : f1;
+      T* r = row + grp * P;
+      if (a.w_gemm) {
+#pragma omp simd
+        for (int64_t p = 0; p < Pw; ++p) r[p] *= f;
+      } else {
+        const int m = grp == 0 ? a.m_w : a.m_g;
+        r[0] = f * a.red[m * G4 + k];
+      }
+      if (a.has_b) r[Pw] = f * a.red[(grp == 0 ? a.m_wb : a.m_gb) * G4 + k];
+    }
+    T* rp = row + 2 * P;
+    if (a.pre_shared) {
+      const T cs = f2 * a.colsum[k];
+      const T* pre = a.pre;
+#pragma omp simd
+      for (int64_t c = 0; c < a.npre; ++c) rp[c] = cs * pre[c];
+      if (a.pre_one) rp[a.npre] = cs;
+    } else if (a.pre_gemm) {
+#pragma omp simd
+      for (int64_t c = 0; c < a.cinp; ++c) rp[c] *= f2;
+    } else {
+      rp[0] = f2 * a.red[a.m_pre * G4 + k];
+    }
+    row[2 * P + a.cinp] = f3 * a.red[a.m_post * G4 + k];
+  }
+}
+
+// ----------------------------------------------------------------------------------
+// ISA variants: the float32 row functions are compiled for AVX2+FMA and baseline.
+// ----------------------------------------------------------------------------------
+#if defined(LRMT_X86) && defined(__GNUC__)
+#define LRMT_AVX2_ATTR __attribute__((target("avx2,fma")))
+#define LRMT_HAVE_AVX2_VARIANT 1
+#else
+#define LRMT_AVX2_ATTR
+#endif
+
+bool detect_avx2() {
+#if defined(LRMT_HAVE_AVX2_VARIANT)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+const bool kAvx2 = detect_avx2();
+
+#define LRMT_VARIANTS(NAME, RET, PARAMS, ARGS)                          \
+  LRMT_AVX2_ATTR RET NAME##_avx2_f PARAMS { return NAME<float> ARGS; } \
+  RET NAME##_base_f PARAMS { return NAME<float> ARGS; }
+
+#define F float
+LRMT_VARIANTS(prep_rows, void, (const PrepArgs<F>& a, int64_t r0, int64_t r1), (a, r0, r1))
+LRMT_VARIANTS(cell_fwd_rows, void,
+              (const CellFwdArgs<F>& a, const F* v, F* b, int64_t r0, int64_t r1), (a, v, b, r0, r1))
+LRMT_VARIANTS(out_fwd_rows, void, (const OutFwdArgs<F>& a, int64_t r0, int64_t r1), (a, r0, r1))
+LRMT_VARIANTS(out_bwd_rows, double, (const OutBwdArgs<F>& a, const F* z, int64_t r0, int64_t r1),
+              (a, z, r0, r1))
+LRMT_VARIANTS(cell_bwd_rows, void,
+              (const CellBwdArgs<F>& a, const F* z, F* s, int64_t r0, int64_t r1), (a, z, s, r0, r1))
+LRMT_VARIANTS(col_reduce_rows, void, (const ColReduceArgs<F>& a, double* acc, int64_t r0, int64_t r1),
+              (a, acc, r0, r1))
+LRMT_VARIANTS(row_dot_rows, void, (const RowDotArgs<F>& a, const F* v, int64_t r0, int64_t r1),
+              (a, v, r0, r1))
+LRMT_VARIANTS(finalize_rows, void, (const FinalizeArgs<F>& a, int64_t r0, int64_t r1), (a, r0, r1))
+#undef F
+
+// dispatch helpers: float -> ISA variant, double -> generic
+#define LRMT_CALL(NAME, T, ...)                                         \
+  [&]() {                                                               \
+    if constexpr (std::is_same_v<T, float>) {                           \
+      return kAvx2 ? NAME##_avx2_f(__VA_ARGS__) : NAME##_base_f(__VA_ARGS__); \
+    } else {                                                            \
+      return NAME<T>(__VA_ARGS__);                                      \
+    }                                                                   \
+  }()
+
+// Fixed chunking of [0, n) into at most `at::get_num_threads()` pieces: the
+// reductions below sum the pieces in order, so results do not depend on scheduling.
+inline int64_t num_chunks(int64_t n, int64_t min_per_chunk) {
+  int64_t c = std::min<int64_t>(at::get_num_threads(), (n + min_per_chunk - 1) / std::max<int64_t>(1, min_per_chunk));
+  return std::max<int64_t>(1, c);
+}
+
+}  // namespace
+
+bool uses_avx2() { return kAvx2; }
+
+// ----------------------------------------------------------------------------------
+// kernels
+// ----------------------------------------------------------------------------------
+template <typename T>
+void prep(const PrepArgs<T>& a) {
+  at::parallel_for(0, a.G4, grain_rows(a.D0), [&](int64_t k0, int64_t k1) {
+    FtzGuard ftz;
+    LRMT_CALL(prep_rows, T, a, k0, k1);
+  });
+}
+
+template <typename T>
+void cell_fwd(const CellFwdArgs<T>& a) {
+  const int64_t G4 = 4 * a.H;
+  // gather the rank-1 weight columns into contiguous rows once
+  T* vbuf = scratch<T>(0, std::max<int64_t>(1, a.r1.n * G4));
+  for (int m = 0; m < a.r1.n; ++m)
+    for (int64_t k = 0; k < G4; ++k) vbuf[m * G4 + k] = a.r1.v[m][k * a.r1.vs[m]];
+  const T* vb = vbuf;
+  at::parallel_for(0, a.rows, grain_rows(G4), [&](int64_t r0, int64_t r1) {
+    FtzGuard ftz;
+    T* buf = scratch<T>(1, G4 + a.H);
+    LRMT_CALL(cell_fwd_rows, T, a, vb, buf, r0, r1);
+  });
+}
+
+template <typename T>
+void out_fwd(const OutFwdArgs<T>& a) {
+  at::parallel_for(0, a.rows, grain_rows(a.P), [&](int64_t r0, int64_t r1) {
+    FtzGuard ftz;
+    LRMT_CALL(out_fwd_rows, T, a, r0, r1);
+  });
+}
+
+template <typename T>
+void fscale(const FscaleArgs<T>& a) {
+  FtzGuard ftz;
+  for (int m = 0; m < 4; ++m) {
+    double total = static_cast<double>(a.ones[m]);
+    const T* arrs[2] = {a.a[m], a.b[m]};
+    const int64_t ns[2] = {a.na[m], a.nb[m]};
+    for (int q = 0; q < 2; ++q) {
+      const T* x = arrs[q];
+      const int64_t n = ns[q];
+      if (!x || n == 0) continue;
+      const int64_t nc = num_chunks(n, 32768);
+      double parts[64] = {0};
+      const int64_t ncc = std::min<int64_t>(nc, 64);
+      const int64_t per = (n + ncc - 1) / ncc;
+      at::parallel_for(0, ncc, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t i0 = c * per, i1 = std::min(n, i0 + per);
+          double s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t i = i0; i < i1; ++i) {
+            double v = static_cast<double>(x[i]);
+            s += v * v;
+          }
+          parts[c] = s;
+        }
+      });
+      for (int64_t c = 0; c < ncc; ++c) total += parts[c];
+    }
+    const int64_t count = a.na[m] + a.nb[m] + a.ones[m];
+    const float mean = static_cast<float>(total / static_cast<double>(std::max<int64_t>(count, 1)));
+    const float rms = std::sqrt(mean);
+    a.out[m] = static_cast<T>(1.0f / (rms + 1e-8f));
+  }
+}
+
+template <typename T>
+void out_bwd(const OutBwdArgs<T>& a) {
+  const int64_t ncc = std::min<int64_t>(num_chunks(a.rows, grain_rows(a.P)), 256);
+  const int64_t per = (a.rows + ncc - 1) / ncc;
+  double parts[256] = {0};
+  at::parallel_for(0, ncc, 1, [&](int64_t c0, int64_t c1) {
+    FtzGuard ftz;
+    const T* z = zeros<T>(std::max<int64_t>(a.P, 1));
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = std::min(a.rows, c * per), r1 = std::min(a.rows, r0 + per);
+      if (r0 < r1) parts[c] = LRMT_CALL(out_bwd_rows, T, a, z, r0, r1);
+    }
+  });
+  double total = 0;
+  for (int64_t c = 0; c < ncc; ++c) total += parts[c];
+  a.g_scale[0] = static_cast<T>(total);
+}
+
+template <typename T>
+void cell_bwd(const CellBwdArgs<T>& a) {
+  at::parallel_for(0, a.rows, grain_rows(4 * a.H), [&](int64_t r0, int64_t r1) {
+    FtzGuard ftz;
+    const T* z = zeros<T>(a.H);
+    T* s = scratch<T>(2, a.H);
+    LRMT_CALL(cell_bwd_rows, T, a, z, s, r0, r1);
+  });
+}
+
+template <typename T>
+void col_reduce(const ColReduceArgs<T>& a) {
+  if (a.n == 0) return;
+  const int64_t K = a.K;
+  const int64_t ncc = std::min<int64_t>(num_chunks(a.rows, 64), 64);
+  const int64_t per = (a.rows + ncc - 1) / ncc;
+  double* parts = scratch<double>(3, ncc * a.n * K);
+  at::parallel_for(0, ncc, 1, [&](int64_t c0, int64_t c1) {
+    FtzGuard ftz;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = std::min(a.rows, c * per), r1 = std::min(a.rows, r0 + per);
+      LRMT_CALL(col_reduce_rows, T, a, parts + c * a.n * K, r0, r1);
+    }
+  });
+  for (int m = 0; m < a.n; ++m) {
+    T* o = a.out + m * K;
+    for (int64_t k = 0; k < K; ++k) {
+      double s = 0;
+      for (int64_t c = 0; c < ncc; ++c) s += parts[(c * a.n + m) * K + k];
+      o[k] = static_cast<T>(s);
+    }
+  }
+}
+
+template <typename T>
+void row_dot(const RowDotArgs<T>& a) {
+  T* vbuf = scratch<T>(0, std::max<int64_t>(1, a.K));
+  for (int64_t k = 0; k < a.K; ++k) vbuf[k] = a.v[k * a.vs];
+  const T* vb = vbuf;
+  at::parallel_for(0, a.rows, grain_rows(a.K), [&](int64_t r0, int64_t r1) {
+    FtzGuard ftz;
+    LRMT_CALL(row_dot_rows, T, a, vb, r0, r1);
+  });
+}
+
+template <typename T>
+void finalize(const FinalizeArgs<T>& a) {
+  at::parallel_for(0, a.G4, grain_rows(a.D0), [&](int64_t k0, int64_t k1) {
+    FtzGuard ftz;
+    LRMT_CALL(finalize_rows, T, a, k0, k1);
+  });
+}
+
+template <typename T>
+void relu(const T* x, T* y, int64_t n) {
+  at::parallel_for(0, n, 32768, [&](int64_t i0, int64_t i1) {
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) y[i] = x[i] > T(0) ? x[i] : T(0);
+  });
+}
+
+#define LRMT_INSTANTIATE(T)                                   \
+  template void prep<T>(const PrepArgs<T>&);                  \
+  template void cell_fwd<T>(const CellFwdArgs<T>&);           \
+  template void out_fwd<T>(const OutFwdArgs<T>&);             \
+  template void fscale<T>(const FscaleArgs<T>&);              \
+  template void out_bwd<T>(const OutBwdArgs<T>&);             \
+  template void cell_bwd<T>(const CellBwdArgs<T>&);           \
+  template void col_reduce<T>(const ColReduceArgs<T>&);       \
+  template void row_dot<T>(const RowDotArgs<T>&);             \
+  template void finalize<T>(const FinalizeArgs<T>&);          \
+  template void relu<T>(const T*, T*, int64_t);
+
+LRMT_INSTANTIATE(float)
+LRMT_INSTANTIATE(double)
+
+}  // namespace cpu
+}  // namespace lrmt

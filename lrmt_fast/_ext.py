@@ -1,0 +1,221 @@
+"""Loader of the compiled extension ``lrmt_fast._C`` and the Python half of its ops.
+
+Importing this module never fails: :data:`AVAILABLE` tells whether the extension
+loaded and :data:`ERROR` says why not. When it loaded, this module registers, for
+the operators the extension defines with ``TORCH_LIBRARY`` (``torch.ops.lrmt_fast.*``):
+
+- fake (meta) kernels (``torch.library.register_fake``), so the ops work under
+  FakeTensor / torch.compile / ``torch.library.opcheck``;
+- autograd formulas (``torch.library.register_autograd``) for ``meta_step`` and
+  ``meta_step_net``; both backwards call ``meta_step_net_backward``.
+
+The forward ops return two opaque buffers besides their results: ``saved`` (the
+activated LSTM gates and the tanh outputs that the backward needs) and
+``theta_snap`` (a copy of theta, when ``snapshot=True``, so that an optimiser may
+update theta in place while graphs of earlier steps are retained for T-BPTT).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+_C = None
+ERROR: Optional[str] = None
+try:  # pragma: no branch
+    from . import _C  # noqa: F401  (loads the .so: runs the TORCH_LIBRARY registrations)
+except Exception as exc:  # ImportError, OSError (missing / ABI-incompatible build)
+    _C = None
+    ERROR = f"{type(exc).__name__}: {exc}"
+
+AVAILABLE = _C is not None
+
+HAS_BIAS = 1
+PER_NEURON_PRE = 2
+
+
+def build_facts() -> dict:
+    """What the compiled extension says about itself ({} when not built)."""
+    if not AVAILABLE:
+        return {}
+    return dict(_C._build_info())
+
+
+def cuda_compiled() -> bool:
+    return bool(build_facts().get("cuda_compiled", False))
+
+
+def workspace_stats() -> dict:
+    """Workspace allocations so far (all threads) and this thread's live buffers."""
+    return dict(_C._workspace_stats()) if AVAILABLE else {}
+
+
+def workspace_clear() -> None:
+    if AVAILABLE:
+        _C._workspace_clear()
+
+
+# --------------------------------------------------------------------------------------
+# fake kernels
+# --------------------------------------------------------------------------------------
+def _single_p(w: Tensor) -> int:
+    return w.shape[1]
+
+
+def _net_dims(w, h, flags):
+    out = []
+    for wi, hi, f in zip(w, h, flags):
+        cout = hi.shape[1]
+        pw = wi.numel() // cout
+        out.append((cout, pw + (1 if f & HAS_BIAS else 0)))
+    return out
+
+
+if AVAILABLE:
+
+    @torch.library.register_fake("lrmt_fast::meta_step")
+    def _meta_step_fake(w, g, pre, post, h, c, theta, lr, fscale, save=True, snapshot=False):
+        cout, p = w.shape
+        L, _, H = h.shape
+        n_saved = L * cout * 4 * H + cout * p if save else 0
+        n_snap = sum(t.numel() for t in theta) if snapshot else 0
+        return (w.new_empty(w.shape), w.new_empty((cout, p)), h.new_empty(h.shape), c.new_empty(c.shape),
+                w.new_empty((n_saved,)), w.new_empty((n_snap,)))
+
+    @torch.library.register_fake("lrmt_fast::meta_step_")
+    def _meta_step_inplace_fake(w, g, pre, post, h, c, theta, lr, fscale, delta_out=None):
+        return None
+
+    @torch.library.register_fake("lrmt_fast::meta_step_net")
+    def _meta_step_net_fake(w, wb, g, gb, pre, post, h, c, theta, flags, lr, fscale=None, save=True,
+                            snapshot=False):
+        dims = _net_dims(w, h, flags)
+        n_saved = 0
+        for (cout, p), hi in zip(dims, h):
+            n_saved += hi.shape[0] * cout * 4 * hi.shape[2] + cout * p
+        n_snap = sum(t.numel() for t in theta) if snapshot else 0
+        w0 = w[0]
+        return ([wi.new_empty(wi.shape) for wi in w], [b.new_empty(b.shape) for b in wb],
+                [w0.new_empty((cout, p)) for cout, p in dims], [hi.new_empty(hi.shape) for hi in h],
+                [ci.new_empty(ci.shape) for ci in c], w0.new_empty((len(w), 4)),
+                w0.new_empty((n_saved if save else 0,)), w0.new_empty((n_snap,)))
+
+    @torch.library.register_fake("lrmt_fast::meta_step_net_")
+    def _meta_step_net_inplace_fake(w, wb, g, gb, pre, post, h, c, theta, flags, lr, fscale, delta_out):
+        return None
+
+    @torch.library.register_fake("lrmt_fast::meta_step_net_backward")
+    def _meta_step_net_backward_fake(grad_w_new, grad_wb_new, grad_delta, grad_h_new, grad_c_new, w, wb, g, gb,
+                                     pre, post, h, c, theta, flags, lr, fscale, h_new, c_new, saved, theta_snap,
+                                     need_w, need_hc, need_theta):
+        gw = [wi.new_empty(wi.shape) for wi in w] if need_w else []
+        gwb = [b.new_empty(b.shape) for b in wb] if need_w else []
+        gh = [hi.new_empty(hi.shape) for hi in h] if need_hc else []
+        gc = [ci.new_empty(ci.shape) for ci in c] if need_hc else []
+        gth = [t.new_empty(t.shape) for t in theta] if need_theta else []
+        return gw, gwb, gh, gc, gth
+
+    @torch.library.register_fake("lrmt_fast::feature_scale_net")
+    def _feature_scale_net_fake(w, wb, g, gb, pre, post, h, c, theta, flags):
+        return w[0].new_empty((len(w), 4))
+
+    # ----------------------------------------------------------------------------------
+    # autograd: meta_step (one layer)
+    # ----------------------------------------------------------------------------------
+    def _single_setup(ctx, inputs, output):
+        w, g, pre, post, h, c, theta, lr, fscale, save, snapshot = inputs
+        _w_new, _delta, h_new, c_new, saved, snap = output
+        ctx.mark_non_differentiable(saved, snap)
+        ctx.set_materialize_grads(False)
+        ctx.lr = float(lr)
+        ctx.save = bool(save)
+        ctx.snapshot = bool(snapshot)
+        ctx.n_theta = len(theta)
+        ctx.flags = [PER_NEURON_PRE if (pre.shape[0] == w.shape[0] and w.shape[0] > 1) else 0]
+        if ctx.snapshot:
+            ctx.theta_ref = list(theta)  # shapes only: the values are read from `snap`
+            ctx.save_for_backward(w, g, pre, post, h, c, fscale, h_new, c_new, saved, snap)
+        else:
+            ctx.save_for_backward(w, g, pre, post, h, c, fscale, h_new, c_new, saved, snap, *theta)
+
+    def _single_backward(ctx, gw_new, gdelta, gh_new, gc_new, _gsaved, _gsnap):
+        if not ctx.save:
+            raise RuntimeError("lrmt_fast.meta_step: backward needs the forward to run with save=True")
+        w, g, pre, post, h, c, fscale, h_new, c_new, saved, snap, *theta = ctx.saved_tensors
+        if ctx.snapshot:
+            theta = ctx.theta_ref
+        nig = ctx.needs_input_grad
+        need_w = bool(nig[0])
+        need_hc = bool(nig[4] or nig[5])
+        need_theta = any(nig[6])
+        gw, _gwb, gh, gc, gth = torch.ops.lrmt_fast.meta_step_net_backward(
+            [gw_new], [], [gdelta], [gh_new], [gc_new], [w], [], [g], [], [pre], [post], [h], [c], list(theta),
+            ctx.flags, ctx.lr, fscale.view(1, 4), [h_new], [c_new], saved, snap, need_w, need_hc, need_theta)
+        return (gw[0] if need_w else None, None, None, None,
+                gh[0] if nig[4] else None, gc[0] if nig[5] else None,
+                [t if n else None for t, n in zip(gth, nig[6])] if need_theta else [None] * ctx.n_theta,
+                None, None, None, None)
+
+    torch.library.register_autograd("lrmt_fast::meta_step", _single_backward, setup_context=_single_setup)
+
+    # ----------------------------------------------------------------------------------
+    # autograd: meta_step_net (a list of layers)
+    # ----------------------------------------------------------------------------------
+    def _net_setup(ctx, inputs, output):
+        w, wb, g, gb, pre, post, h, c, theta, flags, lr, fscale, save, snapshot = inputs
+        _w_new, _wb_new, _delta, h_new, c_new, fs, saved, snap = output
+        ctx.mark_non_differentiable(fs, saved, snap)
+        ctx.set_materialize_grads(False)
+        ctx.lr = float(lr)
+        ctx.save = bool(save)
+        ctx.snapshot = bool(snapshot)
+        ctx.flags = list(flags)
+        nl, nb = len(w), len(wb)
+        ctx.counts = (nl, nb, len(theta))
+        tensors = [*w, *wb, *g, *gb, *pre, *post, *h, *c, fs, *h_new, *c_new, saved, snap]
+        if ctx.snapshot:
+            ctx.theta_ref = list(theta)  # shapes only: the values are read from `snap`
+        else:
+            tensors += list(theta)
+        ctx.save_for_backward(*tensors)
+
+    def _net_backward(ctx, gw_new, gwb_new, gdelta, gh_new, gc_new, _gfs, _gsaved, _gsnap):
+        if not ctx.save:
+            raise RuntimeError("lrmt_fast.meta_step_net: backward needs the forward to run with save=True")
+        nl, nb, nt = ctx.counts
+        st = list(ctx.saved_tensors)
+
+        def take(n):
+            nonlocal st
+            out, st = st[:n], st[n:]
+            return out
+
+        w, wb, g, gb, pre, post, h, c = take(nl), take(nb), take(nl), take(nb), take(nl), take(nl), take(nl), take(nl)
+        (fs,) = take(1)
+        h_new, c_new = take(nl), take(nl)
+        saved, snap = take(2)
+        theta = ctx.theta_ref if ctx.snapshot else take(nt)
+        nig = ctx.needs_input_grad
+        need_w = any(nig[0]) or any(nig[1])
+        need_hc = any(nig[6]) or any(nig[7])
+        need_theta = any(nig[8])
+
+        def lst(x, n):
+            return [None] * n if x is None else list(x)
+
+        gw, gwb, gh, gc, gth = torch.ops.lrmt_fast.meta_step_net_backward(
+            lst(gw_new, nl), lst(gwb_new, nb), lst(gdelta, nl), lst(gh_new, nl), lst(gc_new, nl), w, wb, g, gb,
+            pre, post, h, c, list(theta), ctx.flags, ctx.lr, fs, h_new, c_new, saved, snap, need_w, need_hc,
+            need_theta)
+
+        def pick(grads, needs, n):
+            if not grads:
+                return [None] * n
+            return [t if need else None for t, need in zip(grads, needs)]
+
+        return (pick(gw, nig[0], nl), pick(gwb, nig[1], nb), [None] * nl, [None] * nb, [None] * nl, [None] * nl,
+                pick(gh, nig[6], nl), pick(gc, nig[7], nl), pick(gth, nig[8], nt), None, None, None, None, None)
+
+    torch.library.register_autograd("lrmt_fast::meta_step_net", _net_backward, setup_context=_net_setup)
