@@ -1,0 +1,249 @@
+"""The methods compared at meta-test: each is a *learner* that holds the network's
+weights as a dict and takes one update step per Task B mini-batch.
+
+Every method starts from the same Task A checkpoint (with a fresh, seeded
+``head_b``) and sees the same Task B batches; only the update rule differs.
+
+=============  ==============================================================
+kind           update on a Task B batch (x_B, y_B); alpha = the meta-test lr
+=============  ==============================================================
+freeze         trunk frozen; only ``head_b`` is trained (SGD, alpha)
+sgd            SGD on trunk + head_b, lr ``alpha * lr_scale`` (or an explicit
+               ``lr``), optional ``momentum`` (``sgd_x0.1``: lr_scale 0.1)
+lwf            Learning without Forgetting: CE_B + coef * T^2 * KL(p_old^T ||
+               p_new^T) on the old head for x_B, p_old from the Task A
+               network; trunk, head_a and head_b trained (coef 1, T 2)
+ewc            CE_B + coef/2 * sum_i F_i (w_i - w*_i)^2 over the trunk, F the
+               diagonal Fisher of the Task A model on Task A data (labels
+               sampled from the model's own predictions: the true Fisher)
+teacher        multi-task SGD on x_A u x_B (Task A batch from Task A's training
+               data), loss CE_A + CE_B: the teacher of meta-training
+ours           the trained meta-learner on the trunk, SGD on head_b
+               (:func:`lrmt_fast.metatrain.student_meta_update`)
+=============  ==============================================================
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .student import features, logits
+
+Tensor = torch.Tensor
+Params = Dict[str, Tensor]
+KINDS = ("freeze", "sgd", "lwf", "ewc", "teacher", "ours")
+
+
+def trunk_keys(params: Params) -> list:
+    return [k for k in params if not k.startswith("head_")]
+
+
+def _head(params: Params, head: str, z: Tensor) -> Tensor:
+    return F.linear(z, params[f"head_{head}.weight"], params.get(f"head_{head}.bias"))
+
+
+# --------------------------------------------------------------------------- losses
+def lwf_distillation(new_logits: Tensor, old_logits: Tensor, temperature: float = 2.0) -> Tensor:
+    """T^2 * KL(softmax(old/T) || softmax(new/T)), batch mean; zero when new == old."""
+    t = temperature
+    return F.kl_div(F.log_softmax(new_logits / t, dim=1), F.log_softmax(old_logits.detach() / t, dim=1),
+                    log_target=True, reduction="batchmean") * (t * t)
+
+
+def ewc_penalty(params: Params, anchor: Params, fisher: Params, coef: float = 1.0) -> Tensor:
+    """coef/2 * sum_i F_i (w_i - w*_i)^2 over the parameters that have a Fisher entry."""
+    total = None
+    for k, f in fisher.items():
+        term = (f * (params[k] - anchor[k]) ** 2).sum()
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(())
+    return 0.5 * coef * total
+
+
+def fisher_diagonal(model: nn.Module, params: Params, x: Tensor, keys: Optional[Iterable[str]] = None,
+                    head: str = "a", gen: Optional[torch.Generator] = None, chunk: int = 64) -> Params:
+    """Diagonal Fisher E_x E_{y ~ p(y|x)} [(d log p(y|x) / dw)^2] of the parameters ``keys``
+    (default: the trunk), from per-example gradients (``torch.func.vmap``) over ``x``."""
+    from torch.func import functional_call, grad, vmap
+
+    keys = list(keys) if keys is not None else trunk_keys(params)
+    fixed = {k: v.detach() for k, v in params.items() if k not in keys}
+    sub = {k: params[k].detach() for k in keys}
+
+    def nll(p_sub, xi, yi):
+        out = functional_call(model, {**fixed, **p_sub}, (xi.unsqueeze(0), head))
+        return F.cross_entropy(out, yi.unsqueeze(0))
+
+    per_example = vmap(grad(nll), in_dims=(None, 0, 0))
+    acc = {k: torch.zeros_like(v) for k, v in sub.items()}
+    n = 0
+    for i in range(0, x.shape[0], chunk):
+        xb = x[i:i + chunk]
+        with torch.no_grad():
+            probs = F.softmax(logits(model, {**fixed, **sub}, xb, head), dim=1)
+            yb = torch.multinomial(probs.cpu(), 1, generator=gen).flatten().to(xb.device)
+        g = per_example(sub, xb, yb)
+        for k in keys:
+            acc[k] += g[k].pow(2).sum(0)
+        n += xb.shape[0]
+    return {k: v / max(n, 1) for k, v in acc.items()}
+
+
+# --------------------------------------------------------------------------- learners
+class Learner:
+    """A network's weights as a dict and an update rule. ``params`` always holds the current weights."""
+
+    name = "learner"
+
+    def __init__(self, params: Params):
+        self.params = {k: v.detach().clone() for k, v in params.items()}
+
+    def step(self, xb: Tensor, yb: Tensor) -> float:
+        raise NotImplementedError
+
+
+class GradientLearner(Learner):
+    """SGD (with optional momentum) on ``trainable`` keys of a loss ``loss_fn(params, xb, yb)``."""
+
+    def __init__(self, model: nn.Module, params: Params, loss_fn: Callable, trainable: Iterable[str],
+                 lr: float, momentum: float = 0.0):
+        super().__init__(params)
+        self.model, self.loss_fn = model, loss_fn
+        self.trainable = [k for k in self.params if k in set(trainable)]
+        self.lr, self.momentum = float(lr), float(momentum)
+        self.buf: Params = {}
+
+    def step(self, xb, yb) -> float:
+        leaves = {k: (v.requires_grad_(True) if k in self.trainable else v)
+                  for k, v in ((k, v.detach()) for k, v in self.params.items())}
+        loss = self.loss_fn(leaves, xb, yb)
+        gs = torch.autograd.grad(loss, [leaves[k] for k in self.trainable], allow_unused=True)
+        with torch.no_grad():
+            for k, g in zip(self.trainable, gs):
+                if g is None:
+                    continue
+                if self.momentum:
+                    b = self.buf.get(k)
+                    b = g.clone() if b is None else b.mul_(self.momentum).add_(g)
+                    self.buf[k] = b
+                    g = b
+                self.params[k] = leaves[k].detach() - self.lr * g
+        return float(loss.detach())
+
+
+def ce_b(model):
+    return lambda p, xb, yb: F.cross_entropy(logits(model, p, xb, "b"), yb)
+
+
+class TeacherLearner(Learner):
+    """Multi-task SGD on x_A u x_B (the meta-training teacher, :func:`metatrain.teacher_sgd_step`)."""
+
+    name = "teacher"
+
+    def __init__(self, model, params, lr, next_a: Callable):
+        super().__init__(params)
+        self.model, self.lr, self.next_a = model, lr, next_a
+
+    def step(self, xb, yb) -> float:
+        from .metatrain import teacher_sgd_step
+        xa, ya = self.next_a()
+        self.params = teacher_sgd_step(self.model, self.params, xa, ya, xb, yb, self.lr)
+        return float("nan")
+
+
+class OursLearner(Learner):
+    """The trained meta-learner on the trunk, SGD on head_b; state reset at the start."""
+
+    name = "ours"
+
+    def __init__(self, model, params, meta, lr, impl=None):
+        super().__init__(params)
+        # a private copy whose theta needs no grad: the rollout builds no graph
+        self.meta = copy.deepcopy(meta).requires_grad_(False)
+        dev = next(iter(self.params.values())).device
+        self.state = self.meta.init_state(device=dev)
+        self.model, self.lr, self.impl = model, lr, impl
+
+    def step(self, xb, yb) -> float:
+        from .metatrain import student_meta_update
+        new, state, _deltas, loss = student_meta_update(self.model, self.meta, self.params, self.state,
+                                                        xb, yb, self.lr, impl=self.impl, train=False)
+        self.params = {k: v.detach() for k, v in new.items()}
+        self.state = {k: (h.detach(), c.detach()) for k, (h, c) in state.items()}
+        return float(loss)
+
+
+class MethodContext:
+    """What the methods may need beyond the Task B batches; expensive parts computed once, lazily."""
+
+    def __init__(self, model: nn.Module, w0_task_a: Params, lr: float, task_a_x: Optional[Tensor] = None,
+                 task_a_y: Optional[Tensor] = None, meta=None, impl: Optional[str] = None,
+                 fisher_samples: int = 1000, fisher_seed: int = 0):
+        self.model, self.w0, self.lr = model, w0_task_a, lr
+        self.task_a_x, self.task_a_y = task_a_x, task_a_y
+        self.meta, self.impl = meta, impl
+        self.fisher_samples, self.fisher_seed = fisher_samples, fisher_seed
+        self._fisher: Optional[Params] = None
+
+    @property
+    def fisher(self) -> Params:
+        if self._fisher is None:
+            if self.task_a_x is None:
+                raise ValueError("EWC needs Task A data for its Fisher information")
+            g = torch.Generator().manual_seed(self.fisher_seed)
+            idx = torch.randperm(self.task_a_x.shape[0], generator=g)[: self.fisher_samples]
+            self._fisher = fisher_diagonal(self.model, self.w0, self.task_a_x[idx.to(self.task_a_x.device)], gen=g)
+        return self._fisher
+
+
+def make_learner(spec: Dict, ctx: MethodContext, params: Params, next_a: Optional[Callable] = None) -> Learner:
+    """A learner for one method. ``spec`` = {"kind": ..., options}; ``params`` = the starting
+    weights (Task A checkpoint with this run's fresh head_b); ``next_a`` draws Task A batches."""
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    model = ctx.model
+    lr = float(spec.pop("lr", ctx.lr)) * float(spec.pop("lr_scale", 1.0))
+    momentum = float(spec.pop("momentum", 0.0))
+    everything = list(params)
+    if kind == "freeze":
+        learner = GradientLearner(model, params, ce_b(model), ["head_b.weight", "head_b.bias"], lr, momentum)
+    elif kind == "sgd":
+        learner = GradientLearner(model, params, ce_b(model), trunk_keys(params) + ["head_b.weight", "head_b.bias"],
+                                  lr, momentum)
+    elif kind == "lwf":
+        coef, t = float(spec.pop("coef", 1.0)), float(spec.pop("temperature", 2.0))
+        w0 = {k: v.detach() for k, v in ctx.w0.items()}
+
+        def lwf_loss(p, xb, yb):
+            with torch.no_grad():
+                old = _head(w0, "a", features(model, w0, xb))
+            z = features(model, p, xb)
+            return F.cross_entropy(_head(p, "b", z), yb) + coef * lwf_distillation(_head(p, "a", z), old, t)
+
+        learner = GradientLearner(model, params, lwf_loss, everything, lr, momentum)
+    elif kind == "ewc":
+        coef = float(spec.pop("coef", 1.0))
+        fisher = ctx.fisher
+        anchor = {k: ctx.w0[k].detach() for k in fisher}
+        base = ce_b(model)
+        learner = GradientLearner(model, params, lambda p, xb, yb: base(p, xb, yb) + ewc_penalty(p, anchor, fisher, coef),
+                                  trunk_keys(params) + ["head_b.weight", "head_b.bias"], lr, momentum)
+    elif kind == "teacher":
+        if next_a is None:
+            raise ValueError("the teacher needs Task A batches (next_a)")
+        learner = TeacherLearner(model, params, lr, next_a)
+    elif kind == "ours":
+        if ctx.meta is None:
+            raise ValueError("method 'ours' needs a trained meta-learner")
+        learner = OursLearner(model, params, ctx.meta, lr, ctx.impl)
+    else:
+        raise ValueError(f"unknown method kind {kind!r}: expected one of {KINDS}")
+    if spec:
+        raise ValueError(f"method {kind!r}: unknown option(s) {sorted(spec)}")
+    learner.name = kind
+    return learner
