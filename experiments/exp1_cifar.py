@@ -1,0 +1,399 @@
+"""Experiment 1, CIFAR-5A -> CIFAR-5B (paper 5.2, Table 1 column 2, Figure 4 right), and the
+CIFAR pipeline shared with Experiments 2 and 3 (``exp2_cifar100.py``, ``exp3_unseen_init.py``).
+
+    lrmt exp1-cifar --profile {smoke,quick,paper} --data-root DIR --out DIR [--seeds N]
+                    [--resume] [--device cpu|cuda] [--impl reference|fused] [--cifar-check auto|md5|skip]
+    torchrun --nproc_per_node 2 -m lrmt_fast exp1-cifar ...       (data-parallel meta-training)
+    lrmt pretrain-cifar --data-root DIR                             (only the Task A checkpoint)
+
+Pipeline (docs/cifar.md):
+
+1. Task A: ResNet-32 GN pretrained on CIFAR-5A (:mod:`lrmt_fast.pretrain_cifar`), cached
+   under ``--cache-dir`` (shared by the three CIFAR experiments; keyed by config and data).
+2. Meta-training (Algorithm 1) on CIFAR-5A u D_B1, episodes from
+   :class:`lrmt_fast.data.cifar.CifarTaskStream`; under ``torchrun`` every rank trains on its
+   own episodes and :class:`lrmt_fast.distributed.DistSync` keeps them in lockstep; rank 0
+   writes the resumable checkpoint ``--out/cache/meta-<key>/meta_ckpt.pt``.
+3. Meta-test (rank 0): every method x seed with the shared protocol
+   (:func:`lrmt_fast.evaluate.run_meta_test`, readouts of :mod:`lrmt_fast.readout`), while
+   :func:`lrmt_fast.figures.record_deltas` collects the meta-learner's gate for Figure 7.
+4. Results with the shared code (:mod:`lrmt_fast.results`): results.json, table.md, curves.png
+   (the paper's Figure 4 right / 5), plus fig6_curriculum.png, fig7_delta_hist.png,
+   delta_hist.json and metatrain_history.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import common
+
+NAME = "exp1-cifar"
+HELP = "Experiment 1: CIFAR-5A (Task A) -> CIFAR-5B (Task B) with ResNet-32 GN"
+CONFIG = os.path.join(common.CONFIG_DIR, "exp1_cifar.json")
+DEFAULT_OUT = os.path.join("runs", "exp1_cifar")
+DEFAULT_CACHE = os.path.join("runs", "cifar_cache")
+
+FIG6 = "fig6_curriculum.png"
+FIG7 = "fig7_delta_hist.png"
+
+
+# --------------------------------------------------------------------------- arguments
+def add_cifar_arguments(p: argparse.ArgumentParser, config: str, default_out: str) -> None:
+    common.add_common_arguments(p, config, default_out)
+    p.add_argument("--cifar-check", choices=["auto", "md5", "skip"], default="auto",
+                   help="integrity check of the CIFAR files: md5 (torchvision's), skip, or auto = md5, else "
+                        "accept the known offline reconstruction with a warning (docs/cifar.md)")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE, metavar="DIR",
+                   help="Task A checkpoints (and Exp 3's pool), shared by the CIFAR experiments "
+                        "(default: %(default)s)")
+    p.add_argument("--taskA-ckpt", default=None, metavar="FILE",
+                   help="use (or write) the Task A checkpoint at FILE instead of the cache's")
+    p.add_argument("--dist-timeout", type=float, default=900.0, metavar="S",
+                   help="under torchrun: seconds a collective may wait for a peer before the job stops "
+                        "(default: %(default)s)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_cifar_arguments(p, CONFIG, DEFAULT_OUT)
+
+
+def source(args):
+    from lrmt_fast.data.cifar import CifarSource
+    return CifarSource(args.data_root, args.cifar_check, False if args.no_download else None)
+
+
+# --------------------------------------------------------------------------- helpers
+def _write_json(path: str, obj) -> None:
+    common._write_json(path, obj)
+
+
+def _subset(task, max_train: Optional[int], max_test: Optional[int], seed: int):
+    """A fixed random subset of a task's train / test images (smoke and quick profiles)."""
+    from lrmt_fast.data.cifar import Task
+    from lrmt_fast.data.tasks import fixed_subset
+    itr = fixed_subset(task.train_x.shape[0], max_train, seed)
+    ite = fixed_subset(task.test_x.shape[0], max_test, seed + 1)
+    return Task(task.name, task.classes, task.train_x[itr], task.train_y[itr], task.test_x[ite], task.test_y[ite])
+
+
+def load_task_a(args, cfg: Dict):
+    from lrmt_fast.data.cifar import cifar5a
+    d = cfg.get("data", {})
+    return _subset(cifar5a(source(args)), d.get("max_train"), d.get("max_test"), d.get("split_seed", 0))
+
+
+def _log_for(sync) -> Callable:
+    from lrmt_fast.distributed import is_main
+    return print if is_main(sync) else (lambda *a, **k: None)
+
+
+def task_a_weights(args, cfg: Dict, task_a, sync, device: str, progress: bool, log: Callable):
+    """(Task A state dict, info) identical on every rank: rank 0 loads (or, single-process,
+    trains) the checkpoint and broadcasts it."""
+    from lrmt_fast.distributed import DistSync, broadcast_object
+    from lrmt_fast.pretrain_cifar import CifarPretrainConfig, default_path, load_state, pretrain_cifar
+
+    pcfg = common.dataclass_from(CifarPretrainConfig, cfg.get("pretrain"), "pretrain")
+    path = args.taskA_ckpt or default_path(args.cache_dir, task_a, pcfg)
+    payload = None
+    if getattr(sync, "rank", 0) == 0:
+        if os.path.exists(path) or not isinstance(sync, DistSync):
+            cached = os.path.exists(path)
+            ck = pretrain_cifar(task_a, pcfg, path, device, progress, log)
+            if cached:
+                log(f"task A: reusing {path} (test accuracy {ck['test_acc']:.2f}%)")
+            payload = {"state": ck["state_dict"], "info": {"path": path, "key": ck["key"],
+                                                           "test_acc": ck["test_acc"]}}
+        else:
+            payload = {"error": f"the Task A checkpoint {path} does not exist; under torchrun pretrain it first "
+                                f"(`lrmt pretrain-cifar --profile {cfg.get('profile')} ...` or a single-process "
+                                f"run), then start the distributed job"}
+    payload = broadcast_object(sync, payload)
+    if "error" in payload:
+        raise common.ConfigError(payload["error"])
+    return payload["state"], payload["info"], pcfg
+
+
+def build_model(pcfg, state: Dict[str, torch.Tensor], device: str):
+    from lrmt_fast.pretrain_cifar import make_model
+    model = make_model(pcfg)
+    model.load_state_dict(state)
+    return model.to(device)
+
+
+def metatrain_distributed(model, stream, mcfg, mdir: str, resume: bool, budget: Dict, sync, progress: bool,
+                          log: Callable) -> List[Dict]:
+    """Meta-training, every rank in lockstep; rank 0 checkpoints into ``mdir``.
+
+    With ``budget['max_total_steps']`` the run is cut into chunks of ``chunk_episodes`` and
+    stops at the first chunk boundary where the steps so far reach the cap (the rule of
+    :func:`experiments.common.metatrain_with_budget`, here with the sync hook; episode
+    lengths are identical on all ranks, so every rank stops at the same boundary)."""
+    from lrmt_fast.checkpoint import load_checkpoint
+    from lrmt_fast.distributed import broadcast_object
+    from lrmt_fast.metatrain import CKPT_NAME, metatrain
+
+    main = getattr(sync, "rank", 0) == 0
+    out = mdir if main else None           # other ranks receive rank 0's state (sync_start)
+    ckpt = os.path.join(mdir, CKPT_NAME)
+    cap = budget.get("max_total_steps")
+    if not cap:
+        _, hist = metatrain(model, stream, mcfg, out_dir=out, resume=resume and main, progress=progress,
+                            sync=sync)
+        return hist
+    chunk = int(budget.get("chunk_episodes", 10))
+    hist: List[Dict] = []
+    if main and os.path.exists(ckpt):
+        if resume:
+            hist = list(load_checkpoint(ckpt, ("history",), "meta-training checkpoint")["history"])
+        else:
+            os.remove(ckpt)
+    hist = broadcast_object(sync, hist)
+    while len(hist) < mcfg.episodes and sum(h["steps"] for h in hist) < cap:
+        sub = dataclasses.replace(mcfg, episodes=min(mcfg.episodes, len(hist) + chunk), checkpoint_every=chunk)
+        _, hist = metatrain(model, stream, sub, out_dir=out, resume=main, progress=False, sync=sync)
+        if progress and main:
+            last = hist[-chunk:]
+            log(f"meta-train: {len(hist)} episodes, {sum(h['steps'] for h in hist)}/{cap} steps; last {len(last)}: "
+                f"{sum(h['steps'] for h in last) / max(1, len(last)):.1f} steps/episode, "
+                f"threshold {hist[-1]['threshold']}, T-BPTT {hist[-1]['bptt']}")
+    return hist
+
+
+def meta_key(parts: Dict) -> str:
+    return common._key(parts)
+
+
+def run_metatraining(args, cfg: Dict, model, stream, out_dir: str, key_parts: Dict, sync, device: str,
+                     impl, progress: bool, log: Callable):
+    """Meta-train (or reuse the finished meta-learner); returns (meta on rank 0 else None,
+    meta checkpoint path, history)."""
+    from lrmt_fast.checkpoint import load_checkpoint
+    from lrmt_fast.distributed import broadcast_object
+    from lrmt_fast.metatrain import CKPT_NAME, MetaTrainConfig, load_meta
+
+    mt = dict(cfg.get("metatrain") or {})
+    mt.update(impl=impl, device=device)
+    try:
+        mcfg = MetaTrainConfig.from_dict(mt)
+    except (TypeError, ValueError) as e:
+        raise common.ConfigError(f"metatrain: {e}") from None
+    mkey = meta_key({**key_parts, "metatrain": {k: v for k, v in dataclasses.asdict(mcfg).items()
+                                                 if k not in ("device",)},
+                     "budget": cfg.get("metatrain_budget", {}), "world_size": getattr(sync, "world_size", 1)})
+    mdir = os.path.join(out_dir, "cache", f"meta-{mkey}")
+    meta_path = os.path.join(mdir, CKPT_NAME)
+    done_marker = os.path.join(mdir, "DONE")
+    main = getattr(sync, "rank", 0) == 0
+    done = broadcast_object(sync, main and os.path.exists(done_marker) and os.path.exists(meta_path))
+    if done:
+        log(f"meta-train: reusing the finished meta-learner {meta_path}")
+    else:
+        if main:
+            os.makedirs(mdir, exist_ok=True)
+            if os.path.exists(meta_path) and not args.resume:
+                log(f"meta-train: a checkpoint exists in {mdir} but --resume was not given: starting over")
+        metatrain_distributed(model, stream, mcfg, mdir, args.resume, cfg.get("metatrain_budget", {}), sync,
+                              progress, log)
+        if main:
+            with open(done_marker, "w") as f:
+                f.write("finished\n")
+    if not main:
+        return None, meta_path, []
+    meta = load_meta(meta_path, device=device)
+    history = list(load_checkpoint(meta_path, ("history",), "meta-training checkpoint")["history"])
+    return meta, meta_path, history
+
+
+def meta_test(model, w0, tasks_list, seeds_list, readout_cfg, mtest, methods, meta, meta_path, impl, device,
+              cache_dir: str, key_parts: Dict, progress: bool, log: Callable, delta_path: str):
+    """run_meta_test for each (TwoTasks, seeds) pair, runs concatenated per method; returns
+    (runs, DeltaHistogram of "ours"'s meta-test updates, readout description)."""
+    from lrmt_fast.evaluate import run_meta_test, sha_file
+    from lrmt_fast.figures import DeltaHistogram, record_deltas
+    from lrmt_fast.readout import Readout, ReadoutData
+
+    runs: Dict[str, List[Dict]] = {m: [] for m in methods}
+    ours = {m: s for m, s in methods.items() if s.get("kind") == "ours"}
+    dkey = common._key({**key_parts, "meta": sha_file(meta_path) if meta_path and os.path.exists(meta_path) else None,
+                        "metatest": dataclasses.asdict(mtest), "seeds": [list(s) for s in seeds_list],
+                        "data": [t.fingerprint() for t in tasks_list], "ours": ours})
+    hist = None
+    if meta is not None and ours:
+        hist = DeltaHistogram.for_meta(meta)
+        if os.path.exists(delta_path):
+            try:
+                with open(delta_path) as f:
+                    saved = json.load(f)
+                if saved.get("key") == dkey:
+                    hist = DeltaHistogram.from_dict(saved)
+            except (OSError, ValueError, KeyError):
+                pass
+    need_hist = hist is not None and "all" not in hist.groups
+    describe = None
+    for tasks, seeds in zip(tasks_list, seeds_list):
+        readout = Readout(model, ReadoutData(tasks, readout_cfg, device))
+        describe = readout.data.describe()
+        rec = DeltaHistogram(hist.lo, hist.hi, hist.bins) if need_hist else None
+        if rec is not None:
+            with record_deltas(rec):
+                r = run_meta_test(model, w0, tasks, readout, mtest, methods, seeds, meta=meta, meta_path=meta_path,
+                                  impl=impl, device=device, cache_dir=cache_dir, key_parts=key_parts,
+                                  progress=progress, log=log)
+            if "all" not in rec.groups:    # "ours" came from the run cache: roll it out again, uncached
+                with record_deltas(rec):
+                    run_meta_test(model, w0, tasks, readout, mtest, ours, seeds, meta=meta, meta_path=meta_path,
+                                  impl=impl, device=device, cache_dir=None, key_parts=key_parts,
+                                  progress=False, log=log)
+            hist.merge(rec)
+        else:
+            r = run_meta_test(model, w0, tasks, readout, mtest, methods, seeds, meta=meta, meta_path=meta_path,
+                              impl=impl, device=device, cache_dir=cache_dir, key_parts=key_parts,
+                              progress=progress, log=log)
+        for m in methods:
+            runs[m] += r[m]
+    if need_hist:
+        d = hist.to_dict()
+        d["key"] = dkey
+        _write_json(delta_path, d)
+    return runs, hist, describe
+
+
+def finish(cfg: Dict, runs, seeds, out_dir: str, history: List[Dict], hist, extra: Dict, log: Callable,
+           fig_title: str) -> Dict:
+    """results.json / table.md / curves.png (shared code), Figures 6 and 7, histories."""
+    from lrmt_fast import results as R
+    from lrmt_fast.figures import figure6, figure7
+
+    ep_steps = [h["steps"] for h in history]
+    tail = ep_steps[-max(1, len(ep_steps) // 10):] if ep_steps else []
+    extra = dict(extra)
+    extra["metatrain_summary"] = {"episodes": len(history), "total_steps": int(sum(ep_steps)),
+                                  "mean_steps_last_10pct": (sum(tail) / len(tail)) if tail else None,
+                                  "restarts": int(sum(bool(h.get("restarted")) for h in history)),
+                                  "final_threshold": history[-1]["threshold"] if history else None,
+                                  "final_bptt": history[-1]["bptt"] if history else None}
+    figs = {}
+    if history:
+        _write_json(os.path.join(out_dir, "metatrain_history.json"), history)
+        figs["figure6"] = figure6(history, os.path.join(out_dir, FIG6), title=f"{fig_title}: meta-training curve",
+                                  max_steps=(cfg.get("metatrain") or {}).get("max_steps"))
+    if hist is not None and "all" in hist.groups:
+        hist.save(os.path.join(out_dir, "delta_hist.json"))
+        figs["figure7"] = figure7(hist, os.path.join(out_dir, FIG7),
+                                  title=f"{fig_title}: meta-learner outputs during meta-test")
+        extra["delta_summary"] = hist.summary()
+    extra["figures"] = {k: os.path.basename(v) for k, v in figs.items()}
+    config = {k: v for k, v in cfg.items() if k not in ("profile", "experiment")}
+    config.update(extra.pop("config_extra", {}))
+    res = R.aggregate(runs, cfg.get("experiment", NAME), cfg.get("profile", ""), seeds, config, extra)
+    paths = R.write_all(res, out_dir)
+    log(f"wrote {paths['json']}, {paths['table']}, {paths['curves']}"
+        + "".join(f", {v}" for v in figs.values()))
+    return res
+
+
+def setup(args, config_path: str, default_out: str):
+    """Resolve the profile, join the process group (under torchrun), pick the device."""
+    from lrmt_fast.distributed import init_distributed
+    cfg = common.resolve_profile(args.config or config_path, args.profile)
+    seeds = args.seeds or list(range(int(cfg.get("seeds", 1))))
+    device = common.pick_device(args.device)
+    sync, device = init_distributed(device, args.dist_timeout)
+    out = args.out or os.path.join(default_out, args.profile)
+    if getattr(sync, "rank", 0) == 0:
+        os.makedirs(out, exist_ok=True)
+    progress = not args.no_progress and getattr(sync, "rank", 0) == 0
+    return cfg, seeds, sync, device, out, progress
+
+
+# --------------------------------------------------------------------------- Exp 1
+def run(args: argparse.Namespace) -> int:
+    from lrmt_fast.data.cifar import CifarTaskStream, cifar5b, even_split, split_b, to_task_data
+    from lrmt_fast.data.tasks import TwoTasks, fingerprint
+    from lrmt_fast.distributed import shutdown
+    from lrmt_fast.evaluate import MetaTestConfig
+    from lrmt_fast.readout import ReadoutConfig
+
+    cfg, seeds, sync, device, out, progress = setup(args, CONFIG, DEFAULT_OUT)
+    log = _log_for(sync)
+    t_start = time.time()
+    try:
+        d = cfg.get("data", {})
+        split_seed = int(d.get("split_seed", 0))
+        task_a = load_task_a(args, cfg)
+        task_b = _subset(cifar5b(source(args)), d.get("max_train"), d.get("max_test"), split_seed + 7)
+        b1, b2 = split_b(task_b, split_seed)
+        mtest = common.dataclass_from(MetaTestConfig, cfg.get("metatest"), "metatest")
+        rcfg = common.dataclass_from(ReadoutConfig, cfg.get("readout"), "readout")
+        methods = cfg.get("methods") or {}
+        if not methods:
+            raise common.ConfigError("the profile lists no methods")
+        state, ainfo, pcfg = task_a_weights(args, cfg, task_a, sync, device, progress, log)
+        model = build_model(pcfg, state, device)
+        w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+        t_pre = time.time() - t_start
+        mt = cfg.get("metatrain") or {}
+        stream = CifarTaskStream([w0], (task_a.train_x, task_a.train_y), (b1.train_x, b1.train_y),
+                                 int(mt.get("batch_a", 64)), int(mt.get("batch_b", 64)), device)
+        key_parts = {"taskA": ainfo["key"], "data": fingerprint(b1.train_x, b1.train_y), "experiment": NAME}
+        t0 = time.time()
+        needs_meta = any(s.get("kind") == "ours" for s in methods.values())
+        meta, meta_path, history = (run_metatraining(args, cfg, model, stream, out, key_parts, sync, device,
+                                                     args.impl, progress, log)
+                                    if needs_meta else (None, None, []))
+        t_meta = time.time() - t0
+    finally:
+        shutdown(sync)
+    if getattr(sync, "rank", 0) != 0:
+        return 0
+    t0 = time.time()
+    i1, i2 = even_split(task_b.train_x.shape[0], split_seed)
+    tasks = TwoTasks(to_task_data(task_a), to_task_data(task_b), i1, i2, source=f"cifar:{source(args).root or ''}")
+    _write_json(os.path.join(out, "config.json"), {**cfg, "seeds": seeds, "device": device, "impl": args.impl,
+                                                   "world_size": getattr(sync, "world_size", 1),
+                                                   "data_info": tasks.describe()})
+    runs, hist, rdesc = meta_test(model, w0, [tasks], [seeds], rcfg, mtest, methods, meta, meta_path, args.impl,
+                                  device, os.path.join(out, "cache", "runs"), {"taskA": ainfo["key"]}, progress, log,
+                                  os.path.join(out, "cache", "delta_hist.json"))
+    extra = {"timings": {"pretrain_s": round(t_pre, 1), "metatrain_s": round(t_meta, 1),
+                         "metatest_s": round(time.time() - t0, 1), "total_s": round(time.time() - t_start, 1)},
+             "world_size": getattr(sync, "world_size", 1),
+             "config_extra": {"device": device, "impl": args.impl, "data_info": tasks.describe(),
+                              "readout_data": rdesc, "task_a_test_acc": ainfo["test_acc"],
+                              "task_a_checkpoint": ainfo["path"]}}
+    res = finish(cfg, runs, seeds, out, history, hist, extra, log, "Exp 1 CIFAR-5A -> 5B")
+    from lrmt_fast.results import format_table
+    print(format_table(res))
+    return 0
+
+
+# --------------------------------------------------------------------------- pretrain-cifar
+class PretrainCommand:
+    HELP = "pretrain ResNet-32 GN on CIFAR-5A (Task A of the CIFAR experiments), cached and resumable"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        add_cifar_arguments(p, CONFIG, DEFAULT_OUT)
+        p.add_argument("--seed", type=int, default=None, help="pretraining seed (default: the profile's)")
+
+    @staticmethod
+    def run(args) -> int:
+        from lrmt_fast.pretrain_cifar import CifarPretrainConfig, default_path, pretrain_cifar
+        cfg = common.resolve_profile(args.config or CONFIG, args.profile)
+        device = common.pick_device(args.device)
+        task_a = load_task_a(args, cfg)
+        pcfg = common.dataclass_from(CifarPretrainConfig, cfg.get("pretrain"), "pretrain")
+        if args.seed is not None:
+            pcfg = dataclasses.replace(pcfg, seed=args.seed)
+        path = args.taskA_ckpt or default_path(args.cache_dir, task_a, pcfg)
+        ck = pretrain_cifar(task_a, pcfg, path, device, not args.no_progress)
+        print(f"{path}: CIFAR-5A test accuracy {ck['test_acc']:.2f}%")
+        return 0

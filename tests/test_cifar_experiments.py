@@ -1,0 +1,184 @@
+"""Smoke runs of the CIFAR experiments (exp1-cifar, exp2-cifar100, exp3-unseen-init) through the
+`lrmt` command on a tiny CIFAR-shaped dataset written in torchvision's pickle layout, and a
+2-process `torchrun` run of exp1-cifar (gloo on the CPU)."""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from lrmt_fast.cli import main
+from lrmt_fast.data import cifar
+from lrmt_fast.results import REQUIRED_METHODS, load_results
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cifar_exp")
+    data = str(base / "data")
+    cifar.write_tiny_cifar(data, n_train_per_class=6, n_test_per_class=2, seed=3)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # tiny tensors: threads only contend on a shared CPU
+    old_env = {k: os.environ.get(k) for k in ("LRMT_NO_DOWNLOAD", "LRMT_DATA")}
+    os.environ["LRMT_NO_DOWNLOAD"] = "1"
+    os.environ["LRMT_DATA"] = data
+    yield {"data": data, "base": str(base), "cache": str(base / "cache")}
+    torch.set_num_threads(old_threads)
+    for k, v in old_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    cifar.clear_cache()
+
+
+def _run(cmd, env, out, *extra):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main([cmd, "--profile", "smoke", "--out", out, "--device", "cpu", "--cache-dir", env["cache"],
+                   "--no-progress", *extra])
+    assert rc == 0
+    res = load_results(os.path.join(out, "results.json"), REQUIRED_METHODS)
+    for f in ("table.md", "curves.png", "fig6_curriculum.png", "fig7_delta_hist.png", "delta_hist.json",
+              "metatrain_history.json", "config.json"):
+        assert os.path.exists(os.path.join(out, f)), f
+    for f in ("curves.png", "fig6_curriculum.png", "fig7_delta_hist.png"):
+        with open(os.path.join(out, f), "rb") as fh:
+            assert fh.read(8) == PNG
+    return res
+
+
+def _n_synapses(res):
+    """Synapses adapted per student update, from the smoke network (1 block/stage, widths 4)."""
+    from lrmt_fast.meta_learner import find_adapted_layers
+    from lrmt_fast.pretrain_cifar import CifarPretrainConfig, make_model
+    cfg = CifarPretrainConfig(**res["config"]["pretrain"])
+    return sum(l.cout * l.p for l in find_adapted_layers(make_model(cfg)))
+
+
+def _check_common(res, out, capsys=None):
+    mt = res["config"]["metatrain"]
+    hist = json.load(open(os.path.join(out, "metatrain_history.json")))
+    assert len(hist) == mt["episodes"] == res["metatrain_summary"]["episodes"]
+    k = [h["episode"] // mt["schedule_every"] for h in hist]
+    assert [h["threshold"] for h in hist] == [min(mt["thresh_start"] + i * mt["thresh_inc"], mt["thresh_max"]) for i in k]
+    assert [h["bptt"] for h in hist] == [min(mt["bptt_start"] + i * mt["bptt_inc"], mt["bptt_max"]) for i in k]
+    # Figure 7: every synapse of every meta-test update of "ours" (steps x seeds) is in the histogram
+    d = res["delta_summary"]["all"]
+    assert d["n"] == _n_synapses(res) * res["config"]["metatest"]["steps"] * len(res["seeds"])
+    assert 0.0 <= d["frac_negative"] <= 1.0 and d["min"] <= d["mean"] <= d["max"]
+    for m in REQUIRED_METHODS:
+        e = res["methods"][m]
+        assert e["steps"] == [0, 2, 4] and len(e["runs"]) == len(res["seeds"])
+        assert 0 <= e["joint_readout"]["mean"] <= 100
+
+
+def test_exp1_cifar_smoke_and_rerun_reuses(env, capsys):
+    out = os.path.join(env["base"], "exp1")
+    res = _run("exp1-cifar", env, out)
+    _check_common(res, out)
+    info = res["config"]["data_info"]
+    # D_B1 / D_B2: the even split of CIFAR-5B's 30 tiny training images
+    assert info["d_b1"] == info["d_b2"] == 15 and info["task_b_train"] == 30 and info["task_a_train"] == 30
+    assert res["world_size"] == 1 and os.path.exists(res["config"]["task_a_checkpoint"])
+    capsys.readouterr()
+    res2 = _run("exp1-cifar", env, out)             # everything cached: same numbers
+    log = capsys.readouterr().out
+    assert "reusing the finished meta-learner" in log and "reusing" in log
+    assert res2["methods"] == res["methods"] and res2["delta_summary"] == res["delta_summary"]
+
+
+def test_exp2_cifar100_smoke(env):
+    out = os.path.join(env["base"], "exp2")
+    res = _run("exp2-cifar100", env, out)
+    _check_common(res, out)
+    draws = res["b2_classes"]
+    assert sorted(draws) == [str(s) for s in res["seeds"]]
+    for s, cls in draws.items():
+        assert len(set(cls)) == 5 and all(50 <= c < 100 for c in cls)
+    assert draws == {str(s): d for s, d in enumerate(cifar.b2_class_draws(0, len(draws)))}
+    # each seed's meta-test ran on its own draw: Task B sizes 5 classes x 6 train / 2 test images
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert [d["task_b_train"] for d in cfg["data_info"]] == [30] * len(draws)
+    assert [d["b2_classes"] for d in cfg["data_info"]] == [draws[str(s)] for s in res["seeds"]]
+
+
+def test_exp3_unseen_init_smoke(env):
+    out = os.path.join(env["base"], "exp3")
+    res = _run("exp3-unseen-init", env, out)
+    _check_common(res, out)
+    pool = res["config"]["pool"]
+    n = res["config"]["pool"]["n_train"]
+    assert pool["heldout_seed"] == pool["seed0"] + n
+    files = sorted(f for f in os.listdir(pool["dir"]) if f.endswith(".pt"))
+    assert files == [f"seed{pool['seed0'] + i:04d}.pt" for i in range(n + 1)]
+    assert res["config"]["task_a_checkpoint"].endswith(f"seed{pool['heldout_seed']:04d}.pt")
+    # the pool command finds every checkpoint present and trains nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["pretrain-cifar-pool", "--profile", "smoke", "--cache-dir", env["cache"], "--device", "cpu",
+                     "--no-progress"]) == 0
+
+
+def test_paper_profiles_hold_the_papers_settings():
+    from experiments.common import resolve_profile
+    c1 = resolve_profile(os.path.join(ROOT, "experiments/configs/exp1_cifar.json"), "paper")
+    c2 = resolve_profile(os.path.join(ROOT, "experiments/configs/exp2_cifar100.json"), "paper")
+    c3 = resolve_profile(os.path.join(ROOT, "experiments/configs/exp3_unseen_init.json"), "paper")
+    m1, m2, m3 = c1["metatrain"], c2["metatrain"], c3["metatrain"]
+    assert (m1["episodes"], m1["thresh_start"], m1["thresh_inc"], m1["thresh_max"], m1["bptt_start"], m1["bptt_inc"],
+            m1["bptt_max"], m1["schedule_every"]) == (900, 20, 5, 30, 5, 2, 9, 300)
+    assert (m1["lr"], m1["meta_lr"], m1["loss_coef"], m1["batch_a"], m1["batch_b"], m1["hidden"], m1["hidden_gn"]) == \
+        (0.1, 0.001, 300, 64, 64, 64, 32)
+    assert (m2["episodes"], m2["thresh_max"], m2["bptt_max"], m2["schedule_every"]) == (2000, 50, 17, 300)
+    assert m3 == m2 and c3["pool"] == {"n_train": 100, "seed0": 0}
+    for c in (c1, c2, c3):
+        assert (c["readout"]["steps"], c["readout"]["lr"], c["readout"]["train_size"]) == (500, 0.1, None)
+        assert (c["metatest"]["steps"], c["metatest"]["every"], c["metatest"]["batch"], c["metatest"]["lr"]) == \
+            (500, 50, 64, 0.1)
+        p = c["pretrain"]
+        assert (p["model"], p["lr"], p["momentum"], p["batch"], p["weight_decay"]) == ("resnet32_gn", 0.1, 0.9, 128,
+                                                                                        0.0005)
+        assert set(REQUIRED_METHODS) <= set(c["methods"]) and c["seeds"] == 5
+
+
+def test_data_errors_are_one_line(env, tmp_path, capsys):
+    rc = main(["exp1-cifar", "--profile", "smoke", "--data-root", str(tmp_path / "nothing"), "--out",
+               str(tmp_path / "o"), "--device", "cpu", "--no-progress", "--no-download"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--data-root" in err and "LRMT_DATA" in err and "Traceback" not in err
+
+
+def test_torchrun_two_ranks(env, tmp_path):
+    """`torchrun --nproc_per_node 2 -m lrmt_fast exp1-cifar` (gloo): rank 0 writes the results of a
+    2-rank meta-training; the Task A checkpoint comes from `lrmt pretrain-cifar`."""
+    penv = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = str(tmp_path / "dist")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["pretrain-cifar", "--profile", "smoke", "--cache-dir", env["cache"], "--device", "cpu",
+                     "--no-progress"]) == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master-port", str(_free_port()), "-m", "lrmt_fast", "exp1-cifar", "--profile",
+                        "smoke", "--out", out, "--device", "cpu", "--cache-dir", env["cache"], "--no-progress",
+                        "--dist-timeout", "60", "--seeds", "1"],
+                       cwd=ROOT, env=penv, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = load_results(os.path.join(out, "results.json"), REQUIRED_METHODS)
+    assert res["world_size"] == 2 and res["metatrain_summary"]["episodes"] == res["config"]["metatrain"]["episodes"]
+    assert res["delta_summary"]["all"]["n"] > 0 and os.path.exists(os.path.join(out, "fig6_curriculum.png"))
+    assert r.stdout.count("wrote ") == 1            # only rank 0 writes results
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
