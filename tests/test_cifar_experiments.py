@@ -182,3 +182,62 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _mnist_smoke_config(path):
+    """exp1_mnist.json's smoke profile on the MNIST/FashionMNIST subset shipped in the package (no
+    data root), shrunk further: a genuine exp1-mnist results.json in seconds."""
+    with open(os.path.join(ROOT, "experiments/configs/exp1_mnist.json")) as f:
+        cfg = json.load(f)
+    smoke = cfg["profiles"]["smoke"]
+    smoke["data"] = {**smoke.get("data", {}), "source": "subset", "max_train": 300, "max_test": 200}
+    smoke["metatrain"] = {**smoke.get("metatrain", {}), "episodes": 2, "max_steps": 3}
+    smoke["metatest"] = {**smoke.get("metatest", {}), "steps": 4, "every": 2, "fisher_samples": 16}
+    smoke["readout"] = {**smoke.get("readout", {}), "steps": 5, "train_size": 60, "test_size": 60}
+    smoke["seeds"] = 1
+    cfg["profiles"] = {"smoke": smoke}
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def test_report_combines_cifar_and_mnist_folders(env, tmp_path, capsys):
+    """`lrmt report DIR...` rebuilds Table 1 from result folders of different experiments (the three
+    CIFAR drivers and exp1-mnist): one column per folder, each cell that folder's joint readout."""
+    from lrmt_fast.results import fmt
+    dirs = [os.path.join(env["base"], d) for d in ("exp1", "exp2", "exp3")]
+    for cmd, d in zip(("exp1-cifar", "exp2-cifar100", "exp3-unseen-init"), dirs):
+        _run(cmd, env, d)                       # reuses everything when the tests above ran
+    mnist = str(tmp_path / "mnist")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["exp1-mnist", "--profile", "smoke", "--config", _mnist_smoke_config(str(tmp_path / "m.json")),
+                     "--out", mnist, "--device", "cpu", "--no-progress"]) == 0
+    dirs.append(mnist)
+    capsys.readouterr()
+    out_md = str(tmp_path / "table1.md")
+    # a folder and a results.json path are both accepted
+    assert main(["report", *dirs[:3], os.path.join(mnist, "results.json"), "--out", out_md, "--details"]) == 0
+    printed = capsys.readouterr().out
+    text = open(out_md).read()
+    assert printed == text + "\n"                    # printed, and written to --out
+    results = [load_results(os.path.join(d, "results.json"), REQUIRED_METHODS) for d in dirs]
+    assert [r["experiment"] for r in results] == ["exp1-cifar", "exp2-cifar100", "exp3-unseen-init", "exp1-mnist"]
+    lines = text.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == [""] + [f"{r['experiment']} ({r['profile']})" for r in results]
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.strip().strip("|").split("|")[1:]]
+            for l in lines[2:] if l.startswith("| ") and l.count("|") == len(dirs) + 2}
+    from lrmt_fast.results import display_name
+    for m in REQUIRED_METHODS:
+        want = [fmt(r["methods"][m]["joint_readout"]["mean"], r["methods"][m]["joint_readout"]["sem"])
+                for r in results]
+        assert rows[display_name(m)] == want, m
+    # the paper's row order, Freeze first, Teacher last among the paper's rows
+    order = [l.split("|")[1].strip() for l in lines[2:2 + len(REQUIRED_METHODS)]]
+    assert order == [display_name(m) for m in REQUIRED_METHODS]
+    assert "**exp1-mnist**" in text and "**exp3-unseen-init**" in text      # --details: each run's own table
+    # a folder without results.json: one line on stderr, exit status 1
+    assert main(["report", dirs[0], str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err
+    assert "no such file" in err and "Traceback" not in err and err.count("\n") == 1
