@@ -199,10 +199,14 @@ def figure6(history: List[Dict], path: str, title: str = "Meta-training curve", 
     steps = [h["steps"] for h in history]
     loss = [h["mean_loss"] for h in history]
     fig, (ax1, ax3) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True)
-    ax1.step(ep, thr, where="post", color="tab:red", label="curriculum threshold")
+    # each episode's value holds until the next episode: extend the step plots by one episode so
+    # that the last value (often a new schedule level) is drawn as a segment, not a lone vertex
+    ep_x = ep + [ep[-1] + 1]
+    ax1.step(ep_x, thr + thr[-1:], where="post", color="tab:red", lw=2.4, label="curriculum threshold")
     ax1.set_ylabel("curriculum loss threshold", color="tab:red")
     ax2 = ax1.twinx()
-    ax2.step(ep, bptt, where="post", color="tab:blue", label="unrolled steps (T-BPTT)")
+    ax2.step(ep_x, bptt + bptt[-1:], where="post", color="tab:blue", ls="--", lw=1.4,
+             label="unrolled steps (T-BPTT)")
     ax2.set_ylabel("unrolled steps", color="tab:blue")
     lines = ax1.get_lines() + ax2.get_lines()
     ax1.legend(lines, [l.get_label() for l in lines], loc="lower right", fontsize=8)
