@@ -58,6 +58,28 @@ def add_cifar_arguments(p: argparse.ArgumentParser, config: str, default_out: st
     p.add_argument("--dist-timeout", type=float, default=900.0, metavar="S",
                    help="under torchrun: seconds a collective may wait for a peer before the job stops "
                         "(default: %(default)s)")
+    p.add_argument("--no-tf32", action="store_true",
+                   help="on a GPU, run the networks' convolutions in full fp32 (PyTorch's default lets cuDNN "
+                        "use TF32 on Ampere and newer GPUs; matrix products are fp32 either way; docs/cifar.md)")
+
+
+def apply_precision(args, device: str) -> Dict:
+    """The numeric precision of the run (docs/cifar.md, "Precision"): everything is fp32; on a GPU
+    cuDNN may use TF32 for convolutions (PyTorch's default) unless ``--no-tf32``. Returns what is
+    in effect, for config.json / results.json."""
+    if getattr(args, "no_tf32", False):
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    cuda = str(device).startswith("cuda")
+    return {"dtype": "float32", "autocast": False,
+            "tf32_convolutions": bool(cuda and torch.backends.cudnn.allow_tf32),
+            "tf32_matmul": bool(cuda and torch.backends.cuda.matmul.allow_tf32)}
+
+
+def resolved_impl(impl: Optional[str], device: str) -> str:
+    """The meta-update path a run uses on ``device`` ('fused' or 'reference')."""
+    from lrmt_fast.ops import resolve_impl
+    return resolve_impl(impl, device, warn=False)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -307,6 +329,7 @@ def setup(args, config_path: str, default_out: str):
     seeds = args.seeds or list(range(int(cfg.get("seeds", 1))))
     device = common.pick_device(args.device)
     sync, device = init_distributed(device, args.dist_timeout)
+    args.precision = apply_precision(args, device)
     out = args.out or os.path.join(default_out, args.profile)
     if getattr(sync, "rank", 0) == 0:
         os.makedirs(out, exist_ok=True)
@@ -366,7 +389,8 @@ def run(args: argparse.Namespace) -> int:
     extra = {"timings": {"pretrain_s": round(t_pre, 1), "metatrain_s": round(t_meta, 1),
                          "metatest_s": round(time.time() - t0, 1), "total_s": round(time.time() - t_start, 1)},
              "world_size": getattr(sync, "world_size", 1),
-             "config_extra": {"device": device, "impl": args.impl, "data_info": tasks.describe(),
+             "config_extra": {"device": device, "impl": args.impl, "impl_resolved": resolved_impl(args.impl, device),
+                              "precision": args.precision, "data_info": tasks.describe(),
                               "readout_data": rdesc, "task_a_test_acc": ainfo["test_acc"],
                               "task_a_checkpoint": ainfo["path"]}}
     res = finish(cfg, runs, seeds, out, history, hist, extra, log, "Exp 1 CIFAR-5A -> 5B")
@@ -389,6 +413,7 @@ class PretrainCommand:
         from lrmt_fast.pretrain_cifar import CifarPretrainConfig, default_path, pretrain_cifar
         cfg = common.resolve_profile(args.config or CONFIG, args.profile)
         device = common.pick_device(args.device)
+        apply_precision(args, device)
         task_a = load_task_a(args, cfg)
         pcfg = common.dataclass_from(CifarPretrainConfig, cfg.get("pretrain"), "pretrain")
         if args.seed is not None:

@@ -112,6 +112,7 @@ class PoolCommand:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             device = f"cuda:{local}"
+        E.apply_precision(args, device)
         task_a = E.load_task_a(args, cfg)
         pcfg, pool_dir, n_train, seed0 = pool_settings(args, cfg, task_a)
         n = args.n or n_train + 1

@@ -73,6 +73,11 @@ def _check_common(res, out, capsys=None):
     d = res["delta_summary"]["all"]
     assert d["n"] == _n_synapses(res) * res["config"]["metatest"]["steps"] * len(res["seeds"])
     assert 0.0 <= d["frac_negative"] <= 1.0 and d["min"] <= d["mean"] <= d["max"]
+    # the meta-update path and the precision actually in effect are recorded
+    from lrmt_fast.ops import resolve_impl
+    assert res["config"]["impl_resolved"] == resolve_impl(None, "cpu", warn=False)
+    assert res["config"]["precision"] == {"dtype": "float32", "autocast": False, "tf32_convolutions": False,
+                                          "tf32_matmul": False}
     for m in REQUIRED_METHODS:
         e = res["methods"][m]
         assert e["steps"] == [0, 2, 4] and len(e["runs"]) == len(res["seeds"])
