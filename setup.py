@@ -44,7 +44,9 @@ def _extension():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:  # metadata-only operations (no torch yet): no extension
-        print("lrmt_fast setup: torch is not importable; building without the extension", file=sys.stderr)
+        print("lrmt_fast setup: WARNING: torch is not importable here, so the C++/CUDA extension is NOT built "
+              "(the package will run on the slower reference path). Install torch first, then "
+              "`pip install --no-build-isolation -e .` (or `make install`).", file=sys.stderr)
         return [], {}
 
     mode = os.environ.get("LRMT_CUDA", "auto").strip().lower()
