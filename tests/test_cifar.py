@@ -209,6 +209,30 @@ def test_real_cifar_splits():
     assert torch.bincount(b.train_y).tolist() == [5000] * 5
     b1, b2 = cifar.split_b(b, 0)
     assert b1.train_x.shape[0] == b2.train_x.shape[0] == 12500
+    assert torch.equal(b1.test_x, b.test_x) and torch.equal(b2.test_x, b.test_x)   # test set kept for readout
+    i1, i2 = cifar.even_split(25000, 0)
+    assert not set(i1.tolist()) & set(i2.tolist())
     x100, y100 = s.load("cifar100", True)
     assert x100.shape[0] == 50000 and torch.bincount(y100).tolist() == [500] * 100
+    # the paper's class names: 5A = airplane..deer, 5B = dog..truck (torchvision reads them from the copy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        names = cifar.dataset_class("cifar10", REAL_ROOT, "auto")(REAL_ROOT, train=False, download=False).classes
+    assert [names[c] for c in cifar.CIFAR5A] == ["airplane", "automobile", "bird", "cat", "deer"]
+    assert [names[c] for c in cifar.CIFAR5B] == ["dog", "frog", "horse", "ship", "truck"]
+    # the real CIFAR-10 copy: 5A's images are exactly the CIFAR-10 training images of classes 0-4
+    x10, y10 = s.load("cifar10", True)
+    assert torch.equal(a.train_x, x10[y10 < 5]) and torch.equal(a.train_y, y10[y10 < 5])
+    # Exp 2/3: a meta-training episode holds all 2,500 training images of its 5 classes of 0-49;
+    # the meta-test draws come from 50-99, every image of a draw is a CIFAR-100 image of that class
+    sel = torch.isin(y100, torch.tensor(cifar.B1_POOL))
+    stream = CifarTaskStream([{"w": torch.zeros(1)}], (a.train_x[:10], a.train_y[:10]), (x100[sel], y100[sel]),
+                             4, 4, b_class_pool=cifar.B1_POOL, fresh_head=False)
+    e = stream.new_episode(0, torch.Generator().manual_seed(0))
+    assert e._b[0].shape[0] == 2500 and torch.bincount(e._b[1]).tolist() == [500] * 5
+    assert all(c < 50 for c in e.info["classes"])
+    for cls in cifar.b2_class_draws(0, 5):
+        t = cifar.cifar100_task(cls, s)
+        assert t.train_x.shape[0] == 2500 and t.test_x.shape[0] == 500 and min(cls) >= 50
+        assert torch.equal(t.train_x[t.train_y == 0], x100[y100 == cls[0]])
     cifar.clear_cache()
