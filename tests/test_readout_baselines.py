@@ -370,6 +370,17 @@ def test_make_learner_rejects_unknown_kinds_and_options(setup64):
         make_learner({"kind": "sgd", "lr_scal": 0.1}, ctx, w0)
 
 
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="bug in lrmt_fast/baselines.py make_learner: 'momentum' is popped for every "
+                   "kind but only GradientLearner uses it, so teacher/ours silently ignore it")
+@pytest.mark.parametrize("kind", ["teacher", "ours"])
+def test_momentum_is_not_silently_ignored(setup64, kind):
+    from lrmt_fast.metatrain import build_meta_learner
+    model, w0, ctx, (xa, ya, _, _) = setup64
+    ctx.meta = build_meta_learner(model, 4, 4)
+    with pytest.raises(ValueError, match="momentum"):
+        make_learner({"kind": kind, "momentum": 0.9}, ctx, w0, next_a=lambda: (xa, ya))
+
+
 # --------------------------------------------------------------------------- the meta-test loop
 def test_metatest_config_checkpoints():
     assert MetaTestConfig(steps=500, every=50).checkpoints() == list(range(0, 501, 50))
