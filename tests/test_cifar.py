@@ -236,3 +236,34 @@ def test_real_cifar_splits():
         assert t.train_x.shape[0] == 2500 and t.test_x.shape[0] == 500 and min(cls) >= 50
         assert torch.equal(t.train_x[t.train_y == 0], x100[y100 == cls[0]])
     cifar.clear_cache()
+
+
+def test_warmup_schedule_and_zero_init_residual():
+    import math
+    cfg = P.CifarPretrainConfig(epochs=10, warmup_epochs=1, lr=0.1, schedule="cosine")
+    total = 100
+    assert P.warmup_steps(cfg, total) == 10
+    cos = [0.5 * 0.1 * (1 + math.cos(math.pi * s / total)) for s in range(total)]
+    lrs = [P.lr_at(cfg, s, total) for s in range(total)]
+    for s in range(10):
+        assert abs(lrs[s] - cos[s] * (s + 1) / 10) < 1e-12
+    assert all(abs(a - b) < 1e-12 for a, b in zip(lrs[10:], cos[10:]))
+    assert all(lrs[s] < lrs[s + 1] for s in range(9))
+    no = P.CifarPretrainConfig(epochs=10, lr=0.1, schedule="step")
+    assert P.warmup_steps(no, total) == 0
+    assert [P.lr_at(no, s, total) for s in (0, 49, 50, 75)] == pytest.approx([0.1, 0.1, 0.01, 0.001], rel=1e-12)
+    # zero-initialised residual gammas: every block is the identity on its (non-negative) input
+    from lrmt_fast.models.resnet_gn import BasicBlock
+    m = P.make_model(P.CifarPretrainConfig(zero_init_residual=True))
+    ref = P.make_model(P.CifarPretrainConfig())
+    blocks = [b for b in m.modules() if isinstance(b, BasicBlock)]
+    assert len(blocks) == 15 and all(torch.count_nonzero(b.gn2.weight) == 0 for b in blocks)
+    # same seed, same weights otherwise
+    for (k, v), (_, w) in zip(m.state_dict().items(), ref.state_dict().items()):
+        if not k.endswith("gn2.weight"):
+            assert torch.equal(v, w), k
+    x = torch.relu(torch.randn(2, 16, 8, 8))
+    assert torch.equal(blocks[0](x), x)
+    x = torch.relu(torch.randn(2, 16, 8, 8))
+    sc = torch.nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))
+    assert torch.equal(blocks[5](x), sc)           # first block of stage 2: the option-A shortcut
