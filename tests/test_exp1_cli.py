@@ -337,31 +337,34 @@ def _truncate(path):
         f.write(head)
 
 
-def test_corrupt_cached_run_is_recomputed(smoke):
-    out = _copy_out(smoke, "out_badrun")
-    victim = [f for f in run_files(out) if f.startswith("sgd-seed0-")][0]
-    _truncate(os.path.join(out, "cache", "runs", victim))
-    rc, _, err = run_cli(smoke_args(smoke["data"], out))
-    assert rc == 0, err
-    json.load(open(os.path.join(out, "cache", "runs", victim)))              # rewritten whole
-    res = json.load(open(os.path.join(out, "results.json")))
-    assert methods_wo_timing(res) == methods_wo_timing(smoke["results"])                    # the run is deterministic
+def test_corrupt_task_a_checkpoint_and_run_file(smoke, monkeypatch):
+    """A truncated Task A checkpoint: one-line error naming it. After deleting it (as the message
+    says) a rerun retrains Task A (same key, so the later caches stay valid) and recomputes the
+    one truncated meta-test run file, and nothing else."""
+    import lrmt_fast.evaluate as ev
 
-
-def test_corrupt_task_a_checkpoint_clear_error_then_recovers(smoke):
-    out = _copy_out(smoke, "out_badtaska")
+    out = _copy_out(smoke, "out_corrupt")
     (ta,) = [os.path.join(out, "cache", f) for f in os.listdir(os.path.join(out, "cache")) if f.startswith("taskA-")]
     _truncate(ta)
     rc, _, err = run_cli(smoke_args(smoke["data"], out))
     assert rc == 1
     line = err.strip()
     assert len(line.splitlines()) == 1 and "Traceback" not in err
-    assert "Task A checkpoint" in line and ta in line and "corrupt" in line
-    # as the message says: delete it and run again (the later stages' caches stay valid)
+    assert "Task A checkpoint" in line and ta in line and "corrupt" in line and "delete it" in line
+
     os.remove(ta)
-    rc, _, err = run_cli(smoke_args(smoke["data"], out))
+    victim = [f for f in run_files(out) if f.startswith("sgd-seed0-")][0]
+    _truncate(os.path.join(out, "cache", "runs", victim))
+    made = []
+    real_make = ev.make_learner
+    monkeypatch.setattr(ev, "make_learner", lambda spec, *a, **k: made.append(spec) or real_make(spec, *a, **k))
+    rc, log, err = run_cli(smoke_args(smoke["data"], out))
     assert rc == 0, err
-    assert methods_wo_timing(json.load(open(os.path.join(out, "results.json")))) == methods_wo_timing(smoke["results"])
+    assert "task A: trained" in log and "reusing the finished meta-learner" in log
+    assert made == [{"kind": "sgd"}]
+    json.load(open(os.path.join(out, "cache", "runs", victim)))              # rewritten whole
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert methods_wo_timing(res) == methods_wo_timing(smoke["results"])    # the runs are deterministic
 
 
 # --------------------------------------------------------------------------- bad input, through `python -m lrmt_fast`
@@ -482,6 +485,25 @@ def test_wrong_profile_name(bad_runs, tmp_path):
     rc, _, err = run_cli(["exp1-mnist", "--profile", "smoke", "--config", str(cfg), "--data-root", "x"])
     assert rc == 1 and len(err.strip().splitlines()) == 1
     assert "unknown profile 'smoke'" in err and "tiny" in err
+
+
+@pytest.mark.parametrize("argv, status, words", [
+    (["--seeds", "0"], 2, ["invalid --seeds '0'"]),
+    (["--seeds", "1,1"], 2, ["invalid --seeds '1,1'"]),
+    (["--device", "tpu"], 2, ["invalid choice: 'tpu'"]),
+])
+def test_bad_options(fake_data, tmp_path, argv, status, words):
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()) as err:
+        main(["exp1-mnist", "--profile", "smoke", "--data-root", fake_data, "--out", str(tmp_path), *argv])
+    assert e.value.code == status
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), lines
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_without_gpu(fake_data, tmp_path):
+    rc, _, err = run_cli(smoke_args(fake_data, str(tmp_path)) + ["--device", "cuda"])
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "no CUDA GPU" in err
 
 
 def test_corrupt_meta_checkpoint(bad_runs):
