@@ -97,6 +97,15 @@ def meta_dir(out):
     return d
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny tensors on a shared CPU, and reruns compared for equality."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def fake_data(tmp_path_factory):
     return write_fake_data(str(tmp_path_factory.mktemp("exp1_data") / "data"))
@@ -111,51 +120,46 @@ def smoke(tmp_path_factory, fake_data):
     data = fake_data
     out = str(base / "out")
     rec = {"data": data, "out": out, "base": str(base)}
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            # 1. meta-training interrupted (Ctrl-C) at the start of episode 2 of 3
-            real_new_episode = common.FreshHeadStream.new_episode
+    with pytest.MonkeyPatch.context() as mp:
+        # 1. meta-training interrupted (Ctrl-C) at the start of episode 2 of 3
+        real_new_episode = common.FreshHeadStream.new_episode
 
-            def new_episode(self, episode, gen):
-                if episode == 2:
-                    raise KeyboardInterrupt
-                return real_new_episode(self, episode, gen)
+        def new_episode(self, episode, gen):
+            if episode == 2:
+                raise KeyboardInterrupt
+            return real_new_episode(self, episode, gen)
 
-            mp.setattr(common.FreshHeadStream, "new_episode", new_episode)
-            rec["interrupt_mt"] = run_cli(smoke_args(data, out))
-            from lrmt_fast.checkpoint import load_checkpoint
-            ck = load_checkpoint(os.path.join(meta_dir(out), "meta_ckpt.pt"))
-            rec["ckpt_after_interrupt"] = {"next_episode": ck["next_episode"], "history": ck["history"],
-                                           "done": os.path.exists(os.path.join(meta_dir(out), "DONE")),
-                                           "runs": run_files(out)}
-            mp.setattr(common.FreshHeadStream, "new_episode", real_new_episode)
+        mp.setattr(common.FreshHeadStream, "new_episode", new_episode)
+        rec["interrupt_mt"] = run_cli(smoke_args(data, out))
+        from lrmt_fast.checkpoint import load_checkpoint
+        ck = load_checkpoint(os.path.join(meta_dir(out), "meta_ckpt.pt"))
+        rec["ckpt_after_interrupt"] = {"next_episode": ck["next_episode"], "history": ck["history"],
+                                       "done": os.path.exists(os.path.join(meta_dir(out), "DONE")),
+                                       "runs": run_files(out)}
+        mp.setattr(common.FreshHeadStream, "new_episode", real_new_episode)
 
-            # 2. --resume finishes meta-training; the meta-test is interrupted after 5 runs
-            calls = []
-            real_rollout = ev.rollout
+        # 2. --resume finishes meta-training; the meta-test is interrupted after 5 runs
+        calls = []
+        real_rollout = ev.rollout
 
-            def rollout(*a, **k):
-                calls.append(1)
-                if len(calls) == 6:
-                    raise KeyboardInterrupt
-                return real_rollout(*a, **k)
+        def rollout(*a, **k):
+            calls.append(1)
+            if len(calls) == 6:
+                raise KeyboardInterrupt
+            return real_rollout(*a, **k)
 
-            mp.setattr(ev, "rollout", rollout)
-            rec["resume"] = run_cli(smoke_args(data, out, "--resume"))
-            rec["runs_after_interrupt"] = run_files(out)
-            rec["done_after_resume"] = os.path.exists(os.path.join(meta_dir(out), "DONE"))
-            mp.setattr(ev, "rollout", real_rollout)
+        mp.setattr(ev, "rollout", rollout)
+        rec["resume"] = run_cli(smoke_args(data, out, "--resume"))
+        rec["runs_after_interrupt"] = run_files(out)
+        rec["done_after_resume"] = os.path.exists(os.path.join(meta_dir(out), "DONE"))
+        mp.setattr(ev, "rollout", real_rollout)
 
-            # 3. a plain rerun runs only the meta-test runs still missing
-            made = []
-            real_make = ev.make_learner
-            mp.setattr(ev, "make_learner", lambda *a, **k: made.append(a[0]) or real_make(*a, **k))
-            rec["finish"] = run_cli(smoke_args(data, out))
-            rec["made_in_finish"] = len(made)
-    finally:
-        torch.set_num_threads(old_threads)
+        # 3. a plain rerun runs only the meta-test runs still missing
+        made = []
+        real_make = ev.make_learner
+        mp.setattr(ev, "make_learner", lambda *a, **k: made.append(a[0]) or real_make(*a, **k))
+        rec["finish"] = run_cli(smoke_args(data, out))
+        rec["made_in_finish"] = len(made)
     rec["results"] = json.load(open(os.path.join(out, "results.json")))
     return rec
 
