@@ -150,6 +150,8 @@ def test_paper_profiles_hold_the_papers_settings():
         p = c["pretrain"]
         assert (p["model"], p["lr"], p["momentum"], p["batch"], p["weight_decay"]) == ("resnet32_gn", 0.1, 0.9, 128,
                                                                                         0.0005)
+        # the stabilisers without which lr 0.1 collapses ResNet-32 GN (docs/cifar.md)
+        assert p["zero_init_residual"] is True and p["warmup_epochs"] == 1
         assert set(REQUIRED_METHODS) <= set(c["methods"]) and c["seeds"] == 5
 
 
