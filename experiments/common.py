@@ -11,6 +11,8 @@ data into a :class:`lrmt_fast.data.TwoTasks`, and calls :func:`run_two_task_pipe
 Output folder (``--out``)::
 
     results.json  table.md  curves.png     the results (docs/results.md)
+    fig6_curriculum.png                     Figure 6: curriculum threshold, unrolled steps, episode lengths
+    fig7_delta_hist.png  delta_hist.json    Figure 7: the meta-learner's gate during meta-test
     config.json                             the resolved config of the run
     metatrain_history.json                  one row per meta-training episode
     cache/taskA-<key>.pt                    Task A checkpoint
@@ -161,11 +163,10 @@ def run_two_task_pipeline(cfg: Dict, tasks, out_dir: str, seeds: List[int], devi
                           log: Callable = print) -> Dict:
     """Pretrain -> meta-train -> meta-test -> results. ``cfg`` is a resolved profile (see the config
     files); ``tasks`` a :class:`lrmt_fast.data.TwoTasks`. Returns the results dict (also written)."""
-    from lrmt_fast import results as R
-    from lrmt_fast.evaluate import MetaTestConfig, run_meta_test
-    from lrmt_fast.metatrain import CKPT_NAME, MetaTrainConfig, load_meta, metatrain
+    from lrmt_fast.evaluate import MetaTestConfig
+    from lrmt_fast.metatrain import CKPT_NAME, MetaTrainConfig, load_meta
     from lrmt_fast.pretrain import PretrainConfig, load_or_pretrain
-    from lrmt_fast.readout import Readout, ReadoutConfig, ReadoutData
+    from lrmt_fast.readout import ReadoutConfig
     from lrmt_fast.student import param_dict
 
     t_start = time.time()
@@ -222,29 +223,21 @@ def run_two_task_pipeline(cfg: Dict, tasks, out_dir: str, seeds: List[int], devi
         _write_json(os.path.join(out_dir, "metatrain_history.json"), history)
     timings["metatrain_s"] = round(time.time() - t0, 1)
 
-    # 3. meta-test
+    # 3. meta-test (the CIFAR drivers' code: also records the meta-learner's gate for Figure 7)
+    from experiments.exp1_cifar import finish, meta_test
+
     t0 = time.time()
-    readout = Readout(model, ReadoutData(tasks, rcfg, device))
-    runs = run_meta_test(model, w0, tasks, readout, mtest, methods, seeds, meta=meta, meta_path=meta_path,
-                         impl=impl, device=device, cache_dir=os.path.join(cache, "runs"),
-                         key_parts={"taskA": ainfo["key"]}, progress=progress, log=log)
+    runs, hist, readout_desc = meta_test(model, w0, [tasks], [seeds], rcfg, mtest, methods, meta, meta_path, impl,
+                                         device, os.path.join(cache, "runs"), {"taskA": ainfo["key"]}, progress,
+                                         log, os.path.join(cache, "delta_hist.json"))
     timings["metatest_s"] = round(time.time() - t0, 1)
     timings["total_s"] = round(time.time() - t_start, 1)
 
-    # 4. results
-    ep_steps = [h["steps"] for h in history]
-    config = {k: v for k, v in cfg.items() if k not in ("profile", "experiment")}
-    config.update(device=device, impl=impl, data_info=tasks.describe(), readout_data=readout.data.describe(),
-                  task_a_test_acc=ainfo["test_acc"])
-    extra = {"timings": timings,
-             "metatrain_summary": {"episodes": len(history), "total_steps": int(sum(ep_steps)),
-                                   "mean_steps_last_10pct": (sum(ep_steps[-max(1, len(ep_steps) // 10):]) /
-                                                             max(1, len(ep_steps[-max(1, len(ep_steps) // 10):])))
-                                   if ep_steps else None,
-                                   "restarts": int(sum(bool(h.get("restarted")) for h in history))}}
-    res = R.aggregate(runs, cfg.get("experiment", "experiment"), cfg.get("profile", ""), seeds, config, extra)
-    paths = R.write_all(res, out_dir)
-    log(f"wrote {paths['json']}, {paths['table']}, {paths['curves']}")
+    # 4. results: results.json, table.md, curves.png, Figure 6 (curriculum), Figure 7 (gate histogram)
+    config_extra = dict(device=device, impl=impl, data_info=tasks.describe(), readout_data=readout_desc,
+                        task_a_test_acc=ainfo["test_acc"])
+    res = finish(cfg, runs, seeds, out_dir, history, hist, {"timings": timings, "config_extra": config_extra}, log,
+                 cfg.get("experiment", "experiment"))
     return res
 
 
