@@ -276,6 +276,17 @@ def test_output_and_cache_layout(smoke):
             assert len([f for f in runs if f.startswith(f"{m}-seed{s}-")]) == 1
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["profile"] == "smoke" and cfg["seeds"] == SEEDS
+    # Figures 6 and 7 (meta-training curriculum; the gate delta during the meta-test of "ours")
+    res = smoke["results"]
+    assert res["figures"] == {"figure6": "fig6_curriculum.png", "figure7": "fig7_delta_hist.png"}
+    for f in ("fig6_curriculum.png", "fig7_delta_hist.png"):
+        with open(os.path.join(out, f), "rb") as fh:
+            assert fh.read(8) == PNG
+    from lrmt_fast.meta_learner import find_adapted_layers
+    from lrmt_fast.models.lenet import LeNet
+    synapses = sum(l.cout * l.p for l in find_adapted_layers(LeNet()))
+    assert res["delta_summary"]["all"]["n"] == synapses * res["config"]["metatest"]["steps"] * len(SEEDS)
+    assert json.load(open(os.path.join(out, "delta_hist.json")))["summary"] == res["delta_summary"]
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
