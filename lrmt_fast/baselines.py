@@ -208,6 +208,9 @@ def make_learner(spec: Dict, ctx: MethodContext, params: Params, next_a: Optiona
     kind = spec.pop("kind", None)
     model = ctx.model
     lr = float(spec.pop("lr", ctx.lr)) * float(spec.pop("lr_scale", 1.0))
+    if kind in ("teacher", "ours") and "momentum" in spec:
+        raise ValueError(f"method {kind!r}: option 'momentum' is not supported (the teacher and the meta-learner "
+                         f"take plain SGD steps, as in Algorithm 1)")
     momentum = float(spec.pop("momentum", 0.0))
     everything = list(params)
     if kind == "freeze":

@@ -370,8 +370,6 @@ def test_make_learner_rejects_unknown_kinds_and_options(setup64):
         make_learner({"kind": "sgd", "lr_scal": 0.1}, ctx, w0)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="bug in lrmt_fast/baselines.py make_learner: 'momentum' is popped for every "
-                   "kind but only GradientLearner uses it, so teacher/ours silently ignore it")
 @pytest.mark.parametrize("kind", ["teacher", "ours"])
 def test_momentum_is_not_silently_ignored(setup64, kind):
     from lrmt_fast.metatrain import build_meta_learner

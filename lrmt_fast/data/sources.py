@@ -60,6 +60,17 @@ def _socket_timeout(seconds: float):
         socket.setdefaulttimeout(old)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _raw_files_present(raw: str, cls) -> dict:
+    """{raw file name: present?} for the (uncompressed) files torchvision's MNIST-style class reads."""
+    names = [os.path.splitext(os.path.basename(url))[0] for url, _md5 in getattr(cls, "resources", [])]
+    return {n: os.path.isfile(os.path.join(raw, n)) for n in names}
+
+
 def load_torchvision(name: str, root: str, train: bool, download: Optional[bool] = None
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 [N, 28, 28], labels int64 [N]) of MNIST (``name='mnist'``) or
@@ -71,12 +82,20 @@ def load_torchvision(name: str, root: str, train: bool, download: Optional[bool]
     folder, cls_name = TORCHVISION_SETS[name]
     cls = getattr(datasets, cls_name)
     split = "train" if train else "test"
+    raw = os.path.join(root, folder, "raw")
     try:
         ds = cls(root, train=train, download=False)
-    except RuntimeError as first:
-        if not download_allowed(download):
+    except (RuntimeError, ValueError, AssertionError, OSError, EOFError) as first:
+        present = _raw_files_present(raw, cls)
+        missing = [f for f, ok in present.items() if not ok]
+        if present and not missing:  # every file is there: torchvision could not read one of them
             raise DataNotFoundError(
-                f"{cls_name} ({split}) not found under {os.path.join(root, folder, 'raw')}; downloads are "
+                f"{cls_name} ({split}) under {raw} is corrupt or unreadable ({_first_line(first)}); restore the "
+                f"files ({UNPACK_HINT})") from None
+        if not download_allowed(download):
+            what = f"missing {', '.join(missing)}" if missing else "not found"
+            raise DataNotFoundError(
+                f"{cls_name} ({split}) {what} under {raw}; downloads are "
                 f"off. Point --data-root or {ENV_DATA} at a folder that holds it ({UNPACK_HINT})") from None
         try:
             with _socket_timeout(30):
@@ -87,8 +106,12 @@ def load_torchvision(name: str, root: str, train: bool, download: Optional[bool]
                 f"{cls_name} ({split}) not found under {os.path.join(root, folder, 'raw')} and the download "
                 f"failed ({reason}). Point --data-root or {ENV_DATA} at a folder that holds it "
                 f"({UNPACK_HINT})") from None
-    x = ds.data
-    y = ds.targets
+    try:
+        x = ds.data
+        y = ds.targets
+    except (RuntimeError, ValueError, OSError) as e:
+        raise DataNotFoundError(f"{cls_name} ({split}) under {raw} is corrupt or unreadable ({_first_line(e)}); "
+                                f"restore the files ({UNPACK_HINT})") from None
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(np.asarray(x))
     if not isinstance(y, torch.Tensor):
