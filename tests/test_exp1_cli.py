@@ -578,6 +578,30 @@ def test_demo_config_loads():
     assert int(cfg["seeds"]) >= 1
 
 
+def test_demo_command_wiring(tmp_path, monkeypatch):
+    """`lrmt demo` hands the demo profile and the shipped subset to the shared pipeline (which is
+    replaced here: the real demo takes minutes) and prints the table it gets back."""
+    import experiments.common as common
+    from lrmt_fast.results import aggregate
+
+    seen = {}
+
+    def fake_pipeline(cfg, tasks, out_dir, seeds, **kw):
+        seen.update(cfg=cfg, info=tasks.describe(), out=out_dir, seeds=seeds, kw=kw)
+        runs = {m: [{"seed": 0, "steps": [0, 200], "task_a_readout": [90.0, 80.0], "task_b_readout": [10.0, 70.0],
+                     "task_a_original": [95.0, 60.0], "joint_readout": 55.0}] for m in REQUIRED_METHODS}
+        return {**aggregate(runs, cfg["experiment"], cfg["profile"], seeds, {}), "timings": {"total_s": 1.0}}
+
+    monkeypatch.setattr(common, "run_two_task_pipeline", fake_pipeline)
+    out = str(tmp_path / "demo")
+    rc, printed, err = run_cli(["demo", "--out", out, "--seeds", "1", "--device", "cpu", "--no-progress"])
+    assert rc == 0, err
+    assert seen["cfg"]["profile"] == "demo" and seen["cfg"]["experiment"] == "demo-mnist-fashion-subset"
+    assert seen["info"]["source"] == "subset" and seen["info"]["task_a_train"] == 4000
+    assert seen["out"] == out and seen["seeds"] == [0] and seen["kw"]["device"] == "cpu"
+    assert "**demo-mnist-fashion-subset** (profile `demo`, 1 seed(s)" in printed and "| Freeze | 55.0 |" in printed
+
+
 @pytest.mark.parametrize("profile", ["smoke", "quick", "paper"])
 def test_exp1_profiles_load(profile):
     from experiments import common, exp1_mnist
