@@ -475,9 +475,6 @@ def _partial_data(fake_data, tmp_path, damage):
     return run_cli(smoke_args(data, str(tmp_path / "o")))
 
 
-@pytest.mark.xfail(strict=True, reason="bug in lrmt_fast/data/sources.py load_torchvision: torchvision checks all "
-                   "four raw files for either split, so a missing t10k-labels file is reported as "
-                   "'FashionMNIST (train) not found' without naming the missing file")
 def test_missing_raw_file_is_named(fake_data, tmp_path):
     rc, _, err = _partial_data(fake_data, tmp_path, lambda d: os.remove(
         os.path.join(d, "FashionMNIST", "raw", "t10k-labels-idx1-ubyte")))
@@ -485,8 +482,6 @@ def test_missing_raw_file_is_named(fake_data, tmp_path):
     assert "FashionMNIST" in err and "t10k-labels-idx1-ubyte" in err
 
 
-@pytest.mark.xfail(strict=True, reason="bug in lrmt_fast/data/sources.py load_torchvision: any RuntimeError of "
-                   "torchvision (here a truncated IDX file) is reported as 'not found'")
 def test_truncated_raw_file_is_called_corrupt(fake_data, tmp_path):
     rc, _, err = _partial_data(fake_data, tmp_path, lambda d: _truncate(
         os.path.join(d, "MNIST", "raw", "train-images-idx3-ubyte")))
