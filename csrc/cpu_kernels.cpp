@@ -17,6 +17,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
 #include <xmmintrin.h>
 #define LRMT_X86 1
 #endif
@@ -38,6 +39,11 @@ LRMT_INLINE float bits_to_float(int32_t i) {
   float f;
   std::memcpy(&f, &i, sizeof f);
   return f;
+}
+LRMT_INLINE int32_t float_to_bits(float f) {
+  int32_t i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
 }
 
 // exp(x) for float32: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial (Cephes expf).
@@ -73,7 +79,9 @@ LRMT_INLINE float ftanh(float x) {
   float e = fexp(std::min(2.0f * ax, 88.0f));
   float big = 1.0f - 2.0f / (e + 1.0f);
   big = std::copysign(big, x);
-  return ax < 0.625f ? small : big;
+  // branch-free select (a ternary here is kept as control flow by GCC and blocks vectorisation)
+  const int32_t m = -static_cast<int32_t>(ax < 0.625f);
+  return bits_to_float((float_to_bits(small) & m) | (float_to_bits(big) & ~m));
 }
 
 LRMT_INLINE float t_sigmoid(float x) { return fsigmoid(x); }
@@ -403,6 +411,206 @@ LRMT_VARIANTS(row_dot_rows, void, (const RowDotArgs<F>& a, const F* v, int64_t r
 LRMT_VARIANTS(finalize_rows, void, (const FinalizeArgs<F>& a, int64_t r0, int64_t r1), (a, r0, r1))
 #undef F
 
+
+// ----------------------------------------------------------------------------------
+// Explicit AVX2+FMA float32 rows for the stages with transcendentals. GCC does not
+// vectorise the scalar exp / tanh above inside `omp simd` loops (it keeps the clamp
+// and the tanh range select as control flow), so these stages ran scalar; the same
+// polynomials are written here with intrinsics, 8 lanes at a time, and the scalar
+// functions handle the tail (H and P need not be multiples of 8).
+// ----------------------------------------------------------------------------------
+#if defined(LRMT_HAVE_AVX2_VARIANT)
+#define LRMT_V LRMT_AVX2_ATTR static inline
+LRMT_V __m256 vexp(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic), magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+LRMT_V __m256 vsigmoid(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, vexp(_mm256_xor_ps(x, _mm256_set1_ps(-0.0f)))));
+}
+LRMT_V __m256 vtanh(__m256 x) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 ax = _mm256_andnot_ps(sign, x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(x, z), p, x);
+  const __m256 e = vexp(_mm256_min_ps(_mm256_add_ps(ax, ax), _mm256_set1_ps(88.0f)));
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256 big = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
+  big = _mm256_or_ps(big, _mm256_and_ps(x, sign));  // big >= 0: copysign by OR-ing x's sign
+  return _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+}
+#define LD _mm256_loadu_ps
+#define ST _mm256_storeu_ps
+
+LRMT_AVX2_ATTR void cell_fwd_rows_v(const CellFwdArgs<float>& a, const float* vbuf, float* buf, int64_t r0,
+                                    int64_t r1) {
+  const int64_t H = a.H, G4 = 4 * H;
+  const int nr = a.r1.n;
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t j = r0; j < r1; ++j) {
+    const float* Aj = a.A + j * G4;
+    const float* bias = a.bias;
+    for (int64_t k = 0; k < G4; ++k) buf[k] = Aj[k] + bias[k];
+    for (int m = 0; m < nr; ++m) {
+      const float um = a.r1.u[m][j * a.r1.us[m]];
+      const float* vm = vbuf + m * G4;
+      for (int64_t k = 0; k < G4; ++k) buf[k] += um * vm[k];
+    }
+    const float* cin = a.c_in + j * H;
+    float* hout = a.h_out + j * H;
+    float* cout = a.c_out + j * H;
+    float* gj = a.gates ? a.gates + j * G4 : nullptr;
+    float* xj = a.x_out ? a.x_out + j * H : nullptr;
+    const float* bi = buf;
+    const float* bf = buf + H;
+    const float* bg = buf + 2 * H;
+    const float* bo = buf + 3 * H;
+    int64_t k = 0;
+    for (; k + 8 <= H; k += 8) {
+      const __m256 i = vsigmoid(LD(bi + k)), f = vsigmoid(LD(bf + k)), g = vtanh(LD(bg + k)),
+                   o = vsigmoid(LD(bo + k));
+      const __m256 c = _mm256_fmadd_ps(f, LD(cin + k), _mm256_mul_ps(i, g));
+      const __m256 h = _mm256_mul_ps(o, vtanh(c));
+      ST(cout + k, c);
+      ST(hout + k, h);
+      if (gj) {
+        ST(gj + k, i);
+        ST(gj + H + k, f);
+        ST(gj + 2 * H + k, g);
+        ST(gj + 3 * H + k, o);
+      }
+      if (xj) ST(xj + k, _mm256_max_ps(h, zero));
+    }
+    for (; k < H; ++k) {
+      const float i = fsigmoid(bi[k]), f = fsigmoid(bf[k]), g = ftanh(bg[k]), o = fsigmoid(bo[k]);
+      const float c = f * cin[k] + i * g;
+      const float h = o * ftanh(c);
+      cout[k] = c;
+      hout[k] = h;
+      if (gj) {
+        gj[k] = i;
+        gj[H + k] = f;
+        gj[2 * H + k] = g;
+        gj[3 * H + k] = o;
+      }
+      if (xj) xj[k] = h > 0.0f ? h : 0.0f;
+    }
+  }
+}
+
+template <bool kDelta, bool kT>
+LRMT_AVX2_ATTR void out_fwd_rows_vt(const OutFwdArgs<float>& a, int64_t r0, int64_t r1) {
+  const int64_t P = a.P, Pw = a.Pw;
+  const float s = *a.scale, lr = a.lr;
+  const __m256 vs = _mm256_set1_ps(s), vlr = _mm256_set1_ps(lr);
+  const float* bout = a.b_out;
+  for (int64_t j = r0; j < r1; ++j) {
+    const float* Zj = a.Z + j * P;
+    const float* Gj = a.G + j * Pw;
+    const float* Wj = a.W + j * Pw;
+    float* Woj = a.W_out + j * Pw;
+    float* dj = kDelta ? a.delta + j * P : nullptr;
+    float* tj = kT ? a.t_save + j * P : nullptr;
+    int64_t p = 0;
+    for (; p + 8 <= Pw; p += 8) {
+      const __m256 t = vtanh(_mm256_add_ps(LD(Zj + p), LD(bout + p)));
+      const __m256 d = _mm256_mul_ps(vs, t);
+      ST(Woj + p, _mm256_fnmadd_ps(_mm256_mul_ps(vlr, d), LD(Gj + p), LD(Wj + p)));
+      if (kDelta) ST(dj + p, d);
+      if (kT) ST(tj + p, t);
+    }
+    for (; p < Pw; ++p) {
+      const float t = ftanh(Zj[p] + bout[p]);
+      const float d = s * t;
+      Woj[p] = Wj[p] - lr * d * Gj[p];
+      if (kDelta) dj[p] = d;
+      if (kT) tj[p] = t;
+    }
+    if (a.Wb) {
+      const float t = ftanh(Zj[Pw] + bout[Pw]);
+      const float d = s * t;
+      a.Wb_out[j] = a.Wb[j] - lr * d * a.Gb[j];
+      if (kDelta) dj[Pw] = d;
+      if (kT) tj[Pw] = t;
+    }
+  }
+}
+
+LRMT_AVX2_ATTR void out_fwd_rows_v(const OutFwdArgs<float>& a, int64_t r0, int64_t r1) {
+  if (a.delta && a.t_save) out_fwd_rows_vt<true, true>(a, r0, r1);
+  else if (a.delta) out_fwd_rows_vt<true, false>(a, r0, r1);
+  else if (a.t_save) out_fwd_rows_vt<false, true>(a, r0, r1);
+  else out_fwd_rows_vt<false, false>(a, r0, r1);
+}
+
+LRMT_AVX2_ATTR void cell_bwd_rows_v(const CellBwdArgs<float>& a, const float* zrow, float* srow, int64_t r0,
+                                    int64_t r1) {
+  const int64_t H = a.H, G4 = 4 * H;
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  for (int64_t j = r0; j < r1; ++j) {
+    const float* g = a.gates + j * G4;
+    const float* gi = g;
+    const float* gf = g + H;
+    const float* gg = g + 2 * H;
+    const float* go = g + 3 * H;
+    const float* cp = a.c_prev + j * H;
+    const float* cn = a.c_new + j * H;
+    const float* hn = a.h_new + j * H;
+    const float* dX = a.dX ? a.dX + j * H : zrow;
+    const float* gh = a.gh ? a.gh + j * H : zrow;
+    const float* gc = a.gc ? a.gc + j * H : zrow;
+    float* dA = a.dA + j * G4;
+    float* gcp = a.gc_prev ? a.gc_prev + j * H : srow;
+    int64_t k = 0;
+    for (; k + 8 <= H; k += 8) {
+      const __m256 pos = _mm256_cmp_ps(LD(hn + k), zero, _CMP_GT_OQ);
+      const __m256 dh = _mm256_add_ps(LD(gh + k), _mm256_and_ps(pos, LD(dX + k)));
+      const __m256 tc = vtanh(LD(cn + k));
+      const __m256 i = LD(gi + k), f = LD(gf + k), gv = LD(gg + k), o = LD(go + k);
+      const __m256 dc = _mm256_fmadd_ps(_mm256_mul_ps(dh, o), _mm256_fnmadd_ps(tc, tc, one), LD(gc + k));
+      ST(dA + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dc, gv), i), _mm256_sub_ps(one, i)));
+      ST(dA + H + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dc, LD(cp + k)), f), _mm256_sub_ps(one, f)));
+      ST(dA + 2 * H + k, _mm256_mul_ps(_mm256_mul_ps(dc, i), _mm256_fnmadd_ps(gv, gv, one)));
+      ST(dA + 3 * H + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dh, tc), o), _mm256_sub_ps(one, o)));
+      ST(gcp + k, _mm256_mul_ps(dc, f));
+    }
+    for (; k < H; ++k) {
+      const float dxk = dX[k];
+      const float dh = gh[k] + (hn[k] > 0.0f ? dxk : 0.0f);
+      const float tc = ftanh(cn[k]);
+      const float i = gi[k], f = gf[k], gv = gg[k], o = go[k];
+      const float dc = gc[k] + dh * o * (1.0f - tc * tc);
+      dA[k] = dc * gv * i * (1.0f - i);
+      dA[H + k] = dc * cp[k] * f * (1.0f - f);
+      dA[2 * H + k] = dc * i * (1.0f - gv * gv);
+      dA[3 * H + k] = dh * tc * o * (1.0f - o);
+      gcp[k] = dc * f;
+    }
+  }
+}
+#undef LD
+#undef ST
+#undef LRMT_V
+#endif  // LRMT_HAVE_AVX2_VARIANT
+
 // dispatch helpers: float -> ISA variant, double -> generic
 #define LRMT_CALL(NAME, T, ...)                                         \
   [&]() {                                                               \
@@ -412,6 +620,23 @@ LRMT_VARIANTS(finalize_rows, void, (const FinalizeArgs<F>& a, int64_t r0, int64_
       return NAME<T>(__VA_ARGS__);                                      \
     }                                                                   \
   }()
+
+
+// explicit-AVX2 float rows where they exist: returns true when it ran
+#if defined(LRMT_HAVE_AVX2_VARIANT)
+#define LRMT_CALL_V(NAME, T, ...)                                       \
+  [&]() -> bool {                                                       \
+    if constexpr (std::is_same_v<T, float>) {                           \
+      if (kAvx2) {                                                      \
+        NAME(__VA_ARGS__);                                              \
+        return true;                                                    \
+      }                                                                 \
+    }                                                                   \
+    return false;                                                       \
+  }()
+#else
+#define LRMT_CALL_V(NAME, T, ...) false
+#endif
 
 // Fixed chunking of [0, n) into at most `at::get_num_threads()` pieces: the
 // reductions below sum the pieces in order, so results do not depend on scheduling.
@@ -446,7 +671,7 @@ void cell_fwd(const CellFwdArgs<T>& a) {
   at::parallel_for(0, a.rows, grain_rows(G4), [&](int64_t r0, int64_t r1) {
     FtzGuard ftz;
     T* buf = scratch<T>(1, G4 + a.H);
-    LRMT_CALL(cell_fwd_rows, T, a, vb, buf, r0, r1);
+    if (!LRMT_CALL_V(cell_fwd_rows_v, T, a, vb, buf, r0, r1)) LRMT_CALL(cell_fwd_rows, T, a, vb, buf, r0, r1);
   });
 }
 
@@ -454,7 +679,7 @@ template <typename T>
 void out_fwd(const OutFwdArgs<T>& a) {
   at::parallel_for(0, a.rows, grain_rows(a.P), [&](int64_t r0, int64_t r1) {
     FtzGuard ftz;
-    LRMT_CALL(out_fwd_rows, T, a, r0, r1);
+    if (!LRMT_CALL_V(out_fwd_rows_v, T, a, r0, r1)) LRMT_CALL(out_fwd_rows, T, a, r0, r1);
   });
 }
 
@@ -518,7 +743,7 @@ void cell_bwd(const CellBwdArgs<T>& a) {
     FtzGuard ftz;
     const T* z = zeros<T>(a.H);
     T* s = scratch<T>(2, a.H);
-    LRMT_CALL(cell_bwd_rows, T, a, z, s, r0, r1);
+    if (!LRMT_CALL_V(cell_bwd_rows_v, T, a, z, s, r0, r1)) LRMT_CALL(cell_bwd_rows, T, a, z, s, r0, r1);
   });
 }
 

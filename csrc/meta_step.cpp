@@ -771,6 +771,9 @@ void meta_step_net_(TensorList w, TensorList wb, TensorList g, TensorList gb, Te
                     TensorList h, TensorList c, TensorList theta, at::IntArrayRef flags, double lr,
                     const std::optional<Tensor>& fscale, TensorList delta_out) {
   const char* op = "lrmt_fast.meta_step_net_";
+  // no autograd inside (the op has no autograd formula: theta may require grad when it is
+  // called directly, outside torch.no_grad, and the out= GEMMs would refuse such inputs)
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   Net net = make_net(op, w, wb, g, gb, pre, post, h, c, theta, flags);
   net_forward_(op, net, lr, fscale, delta_out);
 }
@@ -809,6 +812,7 @@ void meta_step_(const Tensor& w, const Tensor& g, const Tensor& pre, const Tenso
                 const Tensor& c, TensorList theta, double lr, const Tensor& fscale,
                 const std::optional<Tensor>& delta_out) {
   const char* op = "lrmt_fast.meta_step_";
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // as in meta_step_net_
   Net net = make_single(op, w, g, pre, post, h, c, theta);
   Tensor fs = single_fscale(op, net, fscale);
   std::vector<Tensor> d;

@@ -177,10 +177,33 @@ def _plan(ml) -> _Plan:
     return p
 
 
+def _learner_theta(lrn) -> Sequence[Tensor]:
+    """``lrn.theta()`` read straight from the parameter dicts.
+
+    ``LayerLearner.theta()`` indexes three ``nn.ParameterList`` s (a Python ``getattr``
+    per tensor): for ResNet-32 (93 learners, 1116 tensors) that alone took ~9 ms a step,
+    as long as the fused op's arithmetic for a third of the network. Same tensors, same
+    order; falls back to ``theta()`` for any other learner layout.
+    """
+    try:
+        wi = lrn._modules["w_ih"]._parameters
+        wh = lrn._modules["w_hh"]._parameters
+        b = lrn._modules["b"]._parameters
+        p = lrn._parameters
+        out: List[Tensor] = []
+        for l in range(lrn.num_cells):
+            k = str(l)
+            out += (wi[k], wh[k], b[k])
+        out += (p["w_out"], p["b_out"], p["scale"])
+        return out
+    except (AttributeError, KeyError, TypeError):
+        return lrn.theta()
+
+
 def _theta_list(plan: _Plan) -> List[Tensor]:
     out: List[Tensor] = []
     for lrn in plan.learners:
-        out.extend(lrn.theta())
+        out.extend(_learner_theta(lrn))
     return out
 
 

@@ -12,12 +12,23 @@ from torch import nn
 
 from lrmt_fast import _ext, ops, reference
 from lrmt_fast.meta_learner import LayerLearner, MetaLearner, find_adapted_layers
-from lrmt_fast.models import LeNet, resnet32_gn
+from lrmt_fast.models import LeNet, ResNetGN, resnet32_gn
 
 pytestmark = pytest.mark.skipif(not _ext.AVAILABLE, reason=f"lrmt_fast._C is not built: {_ext.ERROR}")
 
 F64 = torch.float64
 F32 = torch.float32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread for this module: the machines these tests run on are shared, and
+    2-thread OpenMP regions under load stall at their barriers (10x slower, erratic). The
+    multi-threaded kernel paths are covered by test_network_step_two_threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------
@@ -362,6 +373,14 @@ def test_backward_without_snapshot_detects_inplace_theta_update():
 # ------------------------------------------------------------------------------------------
 # whole-network step (MetaLearner.step / step_)
 # ------------------------------------------------------------------------------------------
+def _net(which):
+    """LeNet, or ResNet-GN with one block per stage: the same adapted-layer kinds and shapes as
+    ResNet-32 GN (stem conv, 16/32/64-channel convs with and without stride, GroupNorm 16/32/64),
+    each once instead of five times, so that the float64 reference runs stay short. The
+    per-shape test above runs every ResNet-32 shape; the CUDA test runs the full ResNet-32."""
+    return LeNet() if which == "lenet" else ResNetGN(blocks_per_stage=1)
+
+
 def _student(net, H, Hgn, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     layers = find_adapted_layers(net, hidden=H, hidden_gn=Hgn)
@@ -385,7 +404,7 @@ def _student(net, H, Hgn, dtype, seed=0):
 @pytest.mark.parametrize("which", ["lenet", "resnet32"])
 def test_network_feature_scale_matches_python(which):
     from lrmt_fast.meta_learner import feature_scale, op_pre_post, pack_rows
-    net = LeNet() if which == "lenet" else resnet32_gn()
+    net = _net(which)
     ml, params, grads, acts, state = _student(net, 8, 8, F32)
     fs = ops.network_feature_scale(ml, params, grads, acts, state)
     for i, lay in enumerate(ml.layers):
@@ -446,7 +465,7 @@ def _as(d, dtype):
 def test_network_step_matches_reference(which):
     """The whole-network op (one call) under the tolerance rule, every layer, forward and
     backward, with the feature scale the fused path computes given to all three runs."""
-    net = LeNet() if which == "lenet" else resnet32_gn()
+    net = _net(which)
     ml, params, grads, acts, state = _student(net, 32 if which == "lenet" else 64, 32, F32)
     fs = ops.network_feature_scale(ml, params, grads, acts, state)
     fus32 = _net_run(ml, params, grads, acts, state, "fused_fs", fs=fs)
@@ -463,7 +482,7 @@ def test_metalearner_step_fused_vs_reference(which):
     """MetaLearner.step: fused (one op call, its own feature scale) vs the per-layer reference
     (feature_scale in Python). The two feature scales agree to about one float32 ulp (see
     ops.py), so this is a closeness check, not the 2x rule."""
-    net = LeNet() if which == "lenet" else resnet32_gn()
+    net = _net(which)
     ml, params, grads, acts, state = _student(net, 32 if which == "lenet" else 64, 32, F32)
     ref = _net_run(ml, params, grads, acts, state, "reference")
     fus = _net_run(ml, params, grads, acts, state, "fused")
@@ -471,6 +490,21 @@ def test_metalearner_step_fused_vs_reference(which):
     for k in ref:
         scale = ref[k].abs().max().item()
         torch.testing.assert_close(fus[k], ref[k], rtol=0, atol=2e-5 * (1 + scale), msg=k)
+
+
+def test_network_step_two_threads():
+    """The kernels' parallel paths (row chunks, fixed-order reductions) with 2 threads: the
+    same results as with one thread, forward and backward, to rounding."""
+    ml, params, grads, acts, state = _student(LeNet(), 32, 32, F32)
+    one = _net_run(ml, params, grads, acts, state, "fused", seeds=(3,))
+    torch.set_num_threads(2)
+    try:
+        two = _net_run(ml, params, grads, acts, state, "fused", seeds=(3,))
+    finally:
+        torch.set_num_threads(1)
+    for k in one:
+        scale = one[k].abs().max().item()
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5 * (1 + scale), msg=k)
 
 
 def test_network_step_inplace_keeps_storage_and_matches():
@@ -521,6 +555,29 @@ def test_inplace_single_layer_keeps_pointers_and_matches():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_inplace_op_called_directly_with_grad_enabled():
+    """The in-place op has no autograd formula; called outside torch.no_grad with theta that
+    requires grad it still runs (no autograd inside) and gives the no-grad result."""
+    inp = cast(make_inputs(6, 7, 3, 5, seed=29), F32)
+    theta = [t.clone().requires_grad_(True) for t in inp["theta"]]
+    expect = ops.meta_step(inp["w"], inp["g"], inp["pre"], inp["post"], inp["h"], inp["c"], inp["theta"], 0.1,
+                           inp["fs"], impl="fused")
+    w, h, c, delta = inp["w"].clone(), inp["h"].clone(), inp["c"].clone(), torch.empty(6, 7)
+    assert torch.is_grad_enabled()
+    torch.ops.lrmt_fast.meta_step_(w, inp["g"], inp["pre"], inp["post"], h, c, theta, 0.1, inp["fs"], delta)
+    for a, b in zip((w, delta, h, c), expect):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_network_theta_list_is_learner_theta():
+    """ops reads theta from the parameter dicts (fast path); same tensors as LayerLearner.theta()."""
+    ml = MetaLearner(find_adapted_layers(_net("resnet"), hidden=4, hidden_gn=3))
+    plan = ops._plan(ml)
+    fast = ops._theta_list(plan)
+    slow = [t for lrn in plan.learners for t in lrn.theta()]
+    assert len(fast) == len(slow) and all(a is b for a, b in zip(fast, slow))
+
+
 def _alloc_bytes_under_profiler(fn):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -561,49 +618,77 @@ def test_workspace_cache_is_shared_and_stable_across_shapes():
 
 
 # ------------------------------------------------------------------------------------------
-# 20 meta-training-like steps: Adam on theta, T-BPTT through several steps
+# 20 meta-training steps through the meta-training loop (lrmt_fast.metatrain): fused (the
+# default implementation) == reference
 # ------------------------------------------------------------------------------------------
-def _meta_train(impl, dtype, steps=20, bptt=4):
-    from lrmt_fast.student import features, grads_and_acts
-    torch.manual_seed(0)
-    net = LeNet().to(dtype)
-    ml = MetaLearner(find_adapted_layers(net, hidden=8)).to(dtype)
-    opt = torch.optim.Adam(ml.parameters(), lr=1e-3)
+def _metatrain_20(impl, dtype):
+    """One episode of 20 steps of Algorithm 1 (teacher SGD, student meta-update, Huber meta-loss,
+    Adam on theta, T-BPTT over 5 steps) on LeNet, run by ``lrmt_fast.metatrain.metatrain``.
+    ``impl=None`` is the loop's default. The loop builds everything in the default dtype."""
+    from lrmt_fast.metatrain import MetaTrainConfig, TensorTaskStream, metatrain
+    from lrmt_fast.student import param_dict
+    torch.manual_seed(0)  # everything drawn in float32, then cast: the same start in both dtypes
+    model = LeNet().to(dtype)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(8, 1, 28, 28, generator=gen).to(dtype)
-    y = torch.randint(0, 10, (8,), generator=gen)
-    student = {k: v.detach().clone() for k, v in net.named_parameters()}
-    with torch.no_grad():
-        target = features(net, {k: v + 0.01 * torch.randn(v.shape, generator=gen).to(dtype)
-                                for k, v in student.items()}, x)
-    modules = [l.module for l in ml.layers]
-    state = ml.init_state(dtype=dtype)
-    for t in range(steps):
-        _, grads, acts = grads_and_acts(net, student, x, y, "b", modules)
-        new, state, _ = ml.step(student, grads, acts, state, 0.1, impl=impl, snapshot=True)
-        student = {**student, **new}
-        loss = 300 * torch.nn.functional.huber_loss(features(net, student, x), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward(retain_graph=True)
-        opt.step()
-        if (t + 1) % bptt == 0:
-            student = {k: v.detach() for k, v in student.items()}
-            state = ml.detach_state(state)
-    return {n: p.detach().clone() for n, p in ml.named_parameters()}
+    xa, xb = torch.randn(32, 1, 28, 28, generator=gen), torch.randn(32, 1, 28, 28, generator=gen) + 0.3
+    ya, yb = torch.randint(0, 10, (32,), generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    stream = TensorTaskStream(param_dict(model), xa.to(dtype), ya, xb.to(dtype), yb, 8, 8)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        cfg = MetaTrainConfig(episodes=1, max_steps=20, lr=0.1, hidden=8, hidden_gn=8, batch_a=8, batch_b=8,
+                              bptt_start=5, bptt_max=5, thresh_start=1e9, thresh_max=1e9, impl=impl)
+        meta, hist = metatrain(model, stream, cfg, progress=False)
+    finally:
+        torch.set_default_dtype(old)
+    assert hist[0]["steps"] == 20 and not hist[0]["restarted"]
+    return {n: p.detach().clone() for n, p in meta.named_parameters()}
 
 
 @pytest.mark.slow
-def test_twenty_meta_training_steps_match_reference():
-    ref = _meta_train("reference", F64)
-    fus = _meta_train("fused", F64)
-    for k in ref:
-        torch.testing.assert_close(fus[k], ref[k], rtol=1e-6, atol=1e-7, msg=k)
-    fus32 = _meta_train("fused", F32)
-    ref32 = _meta_train("reference", F32)
-    for k in ref:
-        e_f = max_err(fus32[k], ref[k])
-        e_r = max_err(ref32[k], ref[k])
-        assert e_f <= 2 * e_r + 1e-5, f"{k}: fused32 error {e_f:.2e} vs reference32 error {e_r:.2e}"
+def test_twenty_meta_training_steps_match_reference(monkeypatch):
+    import lrmt_fast.metatrain as mt
+    assert ops.resolve_impl(None) == "fused", "the fused op must be the default on CPU when it is built"
+    # run_episode calls meta.init_state(device=...) without a dtype (float32 state); let the
+    # state follow the default dtype so that the whole loop runs in float64 for the reference
+    orig_init = MetaLearner.init_state
+    monkeypatch.setattr(MetaLearner, "init_state",
+                        lambda self, device=None, dtype=None: orig_init(self, device, dtype or torch.get_default_dtype()))
+    # theta initialised in float32 and cast, so that both dtypes start from the same values
+    orig_build = mt.build_meta_learner
+
+    def build32(model, hidden=32, hidden_gn=32):
+        dt = torch.get_default_dtype()
+        torch.set_default_dtype(F32)
+        try:
+            return orig_build(model, hidden, hidden_gn).to(dt)
+        finally:
+            torch.set_default_dtype(dt)
+
+    monkeypatch.setattr(mt, "build_meta_learner", build32)
+    calls = []
+    real = ops.network_step
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.delenv("LRMT_IMPL", raising=False)
+    monkeypatch.setattr(ops, "network_step", counting)
+    fus64 = _metatrain_20(None, F64)
+    assert len(calls) == 20, "the loop's default path did not run the fused network op every step"
+    fus32 = _metatrain_20(None, F32)
+    monkeypatch.setattr(ops, "network_step", real)
+    ref64 = _metatrain_20("reference", F64)
+    ref32 = _metatrain_20("reference", F32)
+    for k in ref64:
+        # float64: the same computation up to rounding (Adam turns rounding-level differences of
+        # near-zero meta-gradients into up to ~1e-7 differences of theta after 20 steps)
+        torch.testing.assert_close(fus64[k], ref64[k], rtol=1e-6, atol=1e-6, msg=k)
+        # float32: the tolerance rule against the float64 reference, per meta-parameter tensor
+        e_f, e_r = max_err(fus32[k], ref64[k]), max_err(ref32[k], ref64[k])
+        floor = 2 * EPS32 * (1 + ref64[k].abs().max().item())
+        assert e_f <= 2 * e_r + floor, f"{k}: fused32 error {e_f:.2e} > 2 x reference32 error {e_r:.2e}"
 
 
 # ------------------------------------------------------------------------------------------
