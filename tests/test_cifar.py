@@ -47,6 +47,11 @@ def test_integrity_policy(tmp_path, src):
     assert cifar.is_offline_reconstruction("cifar10", src.root) and not cifar.md5_ok("cifar10", src.root)
     with pytest.warns(UserWarning, match="offline reconstruction"):
         cifar.dataset_class("cifar10", src.root, "auto")
+    with warnings.catch_warnings(record=True) as w:     # once per dataset and root
+        warnings.simplefilter("always")
+        cifar.dataset_class("cifar10", src.root, "auto")
+        cifar.load_cifar("cifar10", src.root, train=False, download=False)
+    assert not [x for x in w if "offline reconstruction" in str(x.message)]
     with pytest.raises(DataRootError, match="md5"):
         cifar.dataset_class("cifar10", src.root, "md5")
     # a copy that fails md5 and is not the known offline copy: auto refuses, skip accepts

@@ -148,6 +148,9 @@ def _download(name: str, root: str) -> None:
                             f"(offline: python ../shared/data/unpack.py DIR)") from None
 
 
+_WARNED: set = set()
+
+
 def dataset_class(name: str, root: str, check: str = "auto", download: Optional[bool] = None):
     """The torchvision class to read ``name`` under ``root`` with, after the integrity policy.
 
@@ -170,9 +173,11 @@ def dataset_class(name: str, root: str, check: str = "auto", download: Optional[
     if md5_ok(name, root):
         return _tv_class(name)
     if check == "auto" and is_offline_reconstruction(name, root):
-        warnings.warn(f"{name} under {root!r} fails torchvision's md5 check but is the offline reconstruction "
-                      f"(no 'filenames' key, see ../shared/data/README.md); loading it without the md5 check "
-                      f"(docs/cifar.md). Use --cifar-check md5 to refuse it.", stacklevel=3)
+        if (name, root) not in _WARNED:          # once per dataset and root, not per split / process call
+            _WARNED.add((name, root))
+            warnings.warn(f"{name} under {root!r} fails torchvision's md5 check but is the offline reconstruction "
+                          f"(no 'filenames' key, see ../shared/data/README.md); loading it without the md5 check "
+                          f"(docs/cifar.md). Use --cifar-check md5 to refuse it.", stacklevel=3)
         return _unchecked(_tv_class(name))
     raise DataRootError(f"{name} under {root!r} fails torchvision's md5 check"
                         f"{'' if check == 'md5' else ' and is not the known offline copy'}; if you trust "
@@ -207,8 +212,10 @@ def load_cifar(name: str, root: Optional[str] = None, train: bool = True, check:
 
 
 def clear_cache() -> None:
+    """Forget the loaded tensors (and which offline copies were already warned about)."""
     with _LOCK:
         _CACHE.clear()
+        _WARNED.clear()
 
 
 # --------------------------------------------------------------------------- transforms
