@@ -91,7 +91,7 @@ setup(
     name="lrmt_fast",
     version="0.1.0",
     description="Learning to Remember from a Multi-Task Teacher, with fused meta-update kernels",
-    packages=find_packages(include=["lrmt_fast", "lrmt_fast.*", "experiments", "experiments.*"]),
+    packages=find_packages(include=["lrmt_fast", "lrmt_fast.*", "experiments", "experiments.*", "benchmarks"]),
     package_data={"lrmt_fast": ["assets/*"], "experiments": ["configs/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch", "torchvision", "numpy", "ninja", "pybind11", "tqdm", "matplotlib",

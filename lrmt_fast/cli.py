@@ -28,6 +28,7 @@ COMMANDS: List[Tuple[str, str]] = [
     ("pretrain-cifar", "experiments.exp1_cifar:PretrainCommand"),
     ("pretrain-cifar-pool", "experiments.exp3_unseen_init:PoolCommand"),
     ("info", "lrmt_fast.cli:InfoCommand"),
+    ("bench", "benchmarks.report"),
 ]
 
 

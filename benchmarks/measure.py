@@ -1,0 +1,209 @@
+"""Timing, memory and machine-limit measurements shared by the pytest-benchmark suite and
+``lrmt bench`` (:mod:`benchmarks.report`)."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from .cases import Case
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --------------------------------------------------------------------------------------
+# machine limits, measured in the same run
+# --------------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def gemm_peak(device: str = "cpu", n: Optional[int] = None, reps: int = 5) -> float:
+    """fp32 GEMM FLOP/s: best of ``reps`` square n x n x n matmuls (n=2048 CPU, 8192 CUDA)."""
+    n = n or (8192 if device.startswith("cuda") else 2048)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    c = torch.empty(n, n, device=device)
+    torch.mm(a, b, out=c)
+    _sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b, out=c)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """Memory bandwidth, bytes/s: best of ``reps`` copies of a ``nbytes`` buffer (read + write)."""
+    n = nbytes // 4
+    a = torch.randn(n, device=device)
+    b = torch.empty(n, device=device)
+    b.copy_(a)
+    _sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        b.copy_(a)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n * 4 / best
+
+
+def machine_limits(device: str = "cpu") -> Dict[str, float]:
+    return {"gemm_peak_flops": gemm_peak(device), "mem_bw_bytes_per_s": copy_bandwidth(device)}
+
+
+# --------------------------------------------------------------------------------------
+# timing and memory of a case
+# --------------------------------------------------------------------------------------
+def time_case(case: Case, min_time: float = 2.0, min_rounds: int = 5, max_rounds: int = 200,
+              warmup: int = 2) -> List[float]:
+    """Seconds per call, one entry per round (after ``warmup`` calls)."""
+    for _ in range(warmup):
+        case.fn()
+    case.sync()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < max_rounds and (len(times) < min_rounds or time.perf_counter() - start < min_time):
+        t = time.perf_counter()
+        case.fn()
+        case.sync()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def _cpu_alloc_peak(fn) -> int:
+    """Peak of the bytes live in the c10 CPU allocator during ``fn()``, above the level at its
+    start: the profiler's memory events (each allocation +n, each free -n) in time order."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and "CPU" in str(e.device_type())]
+    cur = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return int(peak)
+
+
+def peak_memory(case: Case) -> Dict:
+    """Peak memory of one warm call beyond what is held before it (temporaries, saved
+    activations, outputs; not the persistent inputs or a workspace sized on an earlier call).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call.
+    CPU: the peak of the bytes live in torch's CPU allocator during the call, above the
+    level at its start (profiler memory events).
+    """
+    case.fn()  # warm (workspaces, allocator caches)
+    case.sync()
+    if case.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        case.fn()
+        case.sync()
+        return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated() - base),
+                "peak_mem_method": "torch.cuda.max_memory_allocated - allocated before the call"}
+    try:
+        peak = _cpu_alloc_peak(case.fn)
+    except Exception as e:  # profiler unavailable: say so in the record
+        return {"peak_mem_bytes": None, "peak_mem_method": f"unavailable: {type(e).__name__}: {e}"}
+    return {"peak_mem_bytes": peak,
+            "peak_mem_method": "peak bytes live in torch's CPU allocator during the call, above the start "
+                               "(torch.profiler memory events)"}
+
+
+def record(case: Case, times: List[float], mem: Dict, limits: Dict[str, float], **extra) -> Dict:
+    """One result record (ratio_vs_reference is filled in by :func:`add_ratios`)."""
+    times = sorted(times)
+    med = times[len(times) // 2]
+    steps_per_s = case.steps_per_call / med
+    flops, nbytes = case.cost["flops_per_step"], case.cost["bytes_per_step"]
+    t_limit = max(flops / limits["gemm_peak_flops"], nbytes / limits["mem_bw_bytes_per_s"])
+    t_step = med / case.steps_per_call
+    rec = {
+        "case": case.name, "device": device_name(case.device), "impl": case.impl,
+        "steps_per_s": steps_per_s,
+        "synapse_updates_per_s": steps_per_s * case.cost["synapses"],
+        "peak_mem_bytes": mem.get("peak_mem_bytes"),
+        "ratio_vs_reference": None,
+        "fraction_of_limit": t_limit / t_step,
+        "commit": git_commit(), "date": now(),
+        "ms_per_step_median": t_step * 1e3, "ms_per_step_min": times[0] / case.steps_per_call * 1e3,
+        "rounds": len(times), "steps_per_call": case.steps_per_call,
+        "flops_per_step": flops, "bytes_per_step": nbytes, "synapses": case.cost["synapses"],
+        "achieved_flops": flops / t_step,
+        "limit": "compute" if flops / limits["gemm_peak_flops"] >= nbytes / limits["mem_bw_bytes_per_s"] else "memory",
+        "peak_mem_method": mem.get("peak_mem_method"),
+        "num_threads": torch.get_num_threads(),
+    }
+    rec.update(limits)
+    rec.update(extra)
+    return rec
+
+
+def add_ratios(records: List[Dict]) -> List[Dict]:
+    """ratio_vs_reference = steps/s of the record / steps/s of the reference, same case and device."""
+    ref = {(r["case"], r["device"]): r["steps_per_s"] for r in records
+           if r["impl"] == "reference" and r.get("steps_per_s")}
+    for r in records:
+        base = ref.get((r["case"], r["device"]))
+        r["ratio_vs_reference"] = (r["steps_per_s"] / base) if (base and r.get("steps_per_s")) else None
+    return records
+
+
+# --------------------------------------------------------------------------------------
+# provenance
+# --------------------------------------------------------------------------------------
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return "cuda-" + torch.cuda.get_device_name(torch.device(device)).replace(" ", "_")
+    return "cpu-" + (platform.machine() or "unknown")
+
+
+def results_stem(device: str) -> str:
+    """File stem of benchmarks/results/<device>.json."""
+    return device_name(device).replace("/", "_")
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "lrmt_fast", "benchmarks"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def load_average() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

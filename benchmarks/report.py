@@ -1,0 +1,264 @@
+"""``lrmt bench`` / ``python -m benchmarks.report``: benchmark the meta-update op.
+
+Runs every case (benchmarks/cases.py) for the reference and the fused path (and the
+anchors: ``nn_lstm``, ``reference_compiled``) in this process on the same inputs, or
+reads a pytest-benchmark JSON file (``pytest benchmarks/ --benchmark-only
+--benchmark-json FILE``; ``--from-json FILE``). Prints a table and writes
+``benchmarks/results/<device>.json`` (a list of records) and a roofline figure
+``benchmarks/results/<device>_roofline.png``.
+
+Each record: case, device, impl, steps_per_s, synapse_updates_per_s, peak_mem_bytes,
+ratio_vs_reference, fraction_of_limit (the shape-derived lower bound on the step time,
+max(FLOPs / measured GEMM peak, bytes / measured copy bandwidth), over the measured step
+time), commit, date; plus the measurement details (median/min ms per step, rounds,
+FLOPs and bytes per step, the measured limits, threads, load average).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+HELP = "benchmark the fused meta-update op against the reference (writes benchmarks/results/)"
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DEFAULT_IMPLS = ("reference", "fused", "nn_lstm", "reference_compiled")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cases import CASES
+    p.add_argument("--device", default="cpu", help="cpu, cuda, or all (cpu and, when present, cuda); default cpu")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    p.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
+                   help="comma-separated subset of reference, fused, nn_lstm, reference_compiled")
+    p.add_argument("--min-time", type=float, default=3.0, help="seconds of timed rounds per case and impl")
+    p.add_argument("--compile-timeout", type=float, default=300.0,
+                   help="seconds allowed for torch.compile + timing of the compiled reference, per case")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="read a pytest-benchmark JSON file instead of measuring")
+    p.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+
+
+def _devices(arg: str) -> List[str]:
+    import torch
+    arg = arg.strip().lower()
+    if arg == "all":
+        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if arg not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or all, got {arg!r}")
+    if arg == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA GPU is available")
+    return [arg]
+
+
+def measure(device: str, cases: List[str], impls: List[str], min_time: float, compile_timeout: float,
+            log=print) -> List[Dict]:
+    """Measure every (case, impl) on ``device``; returns the records."""
+    import gc
+
+    import torch
+
+    from lrmt_fast import ops
+
+    from .cases import make_case
+    from .compiled import run_compiled
+    from .measure import add_ratios, cpu_model, load_average, machine_limits, peak_memory, record, time_case
+
+    if "fused" in impls and not ops.available(device):
+        raise RuntimeError(f"the fused extension cannot run on {device}: {ops.build_info()}")
+    limits = machine_limits(device)
+    log(f"[{device}] fp32 GEMM peak {limits['gemm_peak_flops'] / 1e9:.1f} GFLOP/s, copy bandwidth "
+        f"{limits['mem_bw_bytes_per_s'] / 1e9:.1f} GB/s, {torch.get_num_threads()} threads, load {load_average()}")
+    common = {"load_avg_start": load_average(), "cpu_model": cpu_model() if device == "cpu" else None,
+              "torch_version": torch.__version__}
+    recs: List[Dict] = []
+    compile_failed: Dict[str, str] = {}  # model -> case whose compile timed out / failed
+    for name in cases:
+        for impl in impls:
+            gc.collect()
+            if impl == "reference_compiled":
+                model = name.split("_")[0]
+                if model in compile_failed:
+                    # a train case compiles the forward and the backward of s unrolled steps: longer
+                    # than the case that already did not finish (or failed) for this model
+                    res = {"ok": False, "reason": f"not attempted: torch.compile of {compile_failed[model]} (a "
+                                                  f"smaller graph of the same student) did not finish or failed "
+                                                  f"in this run; see that record"}
+                else:
+                    res = run_compiled(name, device, compile_timeout, min_time)
+                    if not res.get("ok"):
+                        compile_failed[model] = name
+                base = make_case(name, "reference", device)
+                base.impl = "reference_compiled"
+                if res.get("ok"):
+                    rec = record(base, res["times"], res, limits, compile_s=res.get("compile_s"), **common)
+                else:
+                    rec = record(base, [float("nan")], {}, limits, **common)
+                    for k in ("steps_per_s", "synapse_updates_per_s", "fraction_of_limit", "ms_per_step_median",
+                              "ms_per_step_min", "achieved_flops"):
+                        rec[k] = None
+                    rec["rounds"] = 0
+                    rec["note"] = res.get("reason")
+            else:
+                case = make_case(name, impl, device)
+                times = time_case(case, min_time=min_time)
+                mem = peak_memory(case)
+                rec = record(case, times, mem, limits, **common)
+                del case
+            rec["load_avg_end"] = load_average()
+            recs.append(rec)
+            sps = rec["steps_per_s"]
+            log(f"  {name:20s} {impl:19s} " + (f"{sps:9.2f} steps/s  {rec['ms_per_step_median']:8.2f} ms/step  "
+                                                f"{rec['fraction_of_limit'] * 100:5.1f}% of limit"
+                                                if sps else f"no number: {rec.get('note')}"))
+    return add_ratios(recs)
+
+
+def from_pytest_json(path: str) -> List[Dict]:
+    """Records from a pytest-benchmark JSON file written by benchmarks/test_bench.py."""
+    from .measure import add_ratios
+    with open(path) as f:
+        data = json.load(f)
+    recs = []
+    for b in data.get("benchmarks", []):
+        info = dict(b.get("extra_info") or {})
+        if "case" not in info:
+            continue
+        st = b["stats"]
+        k = info["steps_per_call"]
+        t_step = st["median"] / k
+        rec = dict(info)
+        rec.update({
+            "steps_per_s": 1.0 / t_step,
+            "synapse_updates_per_s": info["synapses"] / t_step,
+            "fraction_of_limit": max(info["flops_per_step"] / info["gemm_peak_flops"],
+                                     info["bytes_per_step"] / info["mem_bw_bytes_per_s"]) / t_step,
+            "ms_per_step_median": t_step * 1e3, "ms_per_step_min": st["min"] / k * 1e3, "rounds": st["rounds"],
+            "achieved_flops": info["flops_per_step"] / t_step, "source": "pytest-benchmark",
+            "date": (data.get("datetime") or info.get("date")),
+            "commit": (data.get("commit_info") or {}).get("id", info.get("commit")),
+        })
+        recs.append(rec)
+    return add_ratios(recs)
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def table(records: List[Dict]) -> str:
+    rows = {}
+    for r in records:
+        rows.setdefault((r["case"], r["device"]), {})[r["impl"]] = r
+    head = (f"{'case':20s} {'device':14s} {'reference':>11s} {'fused':>11s} {'ratio':>7s} {'frac.limit':>10s} "
+            f"{'nn_lstm':>9s} {'compiled':>9s} {'ref mem MB':>10s} {'fused mem MB':>12s}")
+    lines = [head, "-" * len(head)]
+    for (case, dev), d in rows.items():
+        ref, fus = d.get("reference", {}), d.get("fused", {})
+        nn_, comp = d.get("nn_lstm", {}), d.get("reference_compiled", {})
+        mb = lambda r: None if r.get("peak_mem_bytes") is None else r["peak_mem_bytes"] / 2 ** 20  # noqa: E731
+        lines.append(
+            f"{case:20s} {dev:14s} {_fmt(ref.get('steps_per_s'), '9.2f'):>11s} {_fmt(fus.get('steps_per_s'), '9.2f'):>11s} "
+            f"{_fmt(fus.get('ratio_vs_reference'), '6.2f'):>7s} "
+            f"{_fmt(None if fus.get('fraction_of_limit') is None else 100 * fus['fraction_of_limit'], '8.1f'):>9s}% "
+            f"{_fmt(nn_.get('steps_per_s'), '8.2f'):>9s} {_fmt(comp.get('steps_per_s'), '8.2f'):>9s} "
+            f"{_fmt(mb(ref) if ref else None, '9.2f'):>10s} {_fmt(mb(fus) if fus else None, '11.2f'):>12s}")
+    lines.append("steps/s (higher is better); ratio = fused / reference; frac.limit = fused step time bound "
+                 "(FLOPs / GEMM peak, bytes / copy bandwidth) over measured")
+    notes = [f"  {r['case']} {r['impl']}: {r['note']}" for r in records if r.get("note")]
+    if notes:
+        lines.append("notes:")
+        lines += notes
+    return "\n".join(lines)
+
+
+def roofline_figure(records: List[Dict], path: str) -> Optional[str]:
+    """Roofline: achieved GFLOP/s against arithmetic intensity, one point per (case, impl)."""
+    recs = [r for r in records if r.get("achieved_flops")]
+    if not recs:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    peak = recs[0]["gemm_peak_flops"] / 1e9
+    bw = recs[0]["mem_bw_bytes_per_s"] / 1e9
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ai = np.logspace(-1, 3, 200)
+    ax.loglog(ai, np.minimum(peak, ai * bw), "k-", lw=1.5, label=f"roof: {peak:.0f} GFLOP/s, {bw:.1f} GB/s (measured)")
+    markers = {"reference": "o", "fused": "*", "nn_lstm": "s", "reference_compiled": "^"}
+    cases = sorted({r["case"] for r in recs})
+    colors = {c: plt.cm.tab10(i % 10) for i, c in enumerate(cases)}
+    for r in recs:
+        x = r["flops_per_step"] / r["bytes_per_step"]
+        ax.loglog([x], [r["achieved_flops"] / 1e9], markers.get(r["impl"], "x"), color=colors[r["case"]],
+                  ms=11 if r["impl"] == "fused" else 7, mec="k", mew=0.5)
+    from matplotlib.lines import Line2D
+    h = [Line2D([], [], color="k", lw=1.5, label=f"roof ({peak:.0f} GFLOP/s, {bw:.1f} GB/s)")]
+    h += [Line2D([], [], ls="", marker=m, color="gray", label=i) for i, m in markers.items()]
+    h += [Line2D([], [], ls="", marker="o", color=colors[c], label=c) for c in cases]
+    ax.legend(handles=h, fontsize=8, loc="lower right")
+    ax.set_xlabel("arithmetic intensity (FLOP / byte, from the shapes)")
+    ax.set_ylabel("achieved GFLOP/s (minimal FLOPs of the step / median step time)")
+    ax.set_title(f"meta-update step, {recs[0]['device']}, {recs[0].get('num_threads')} threads")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(args) -> int:
+    import torch
+
+    from .cases import CASES
+    from .measure import results_stem
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.from_json:
+        records = from_pytest_json(args.from_json)
+        if not records:
+            raise ValueError(f"{args.from_json}: no benchmark records from benchmarks/test_bench.py")
+        by_dev: Dict[str, List[Dict]] = {}
+        for r in records:
+            by_dev.setdefault(r["device"], []).append(r)
+    else:
+        cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+        impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+        bad = [c for c in cases if c not in CASES] + [i for i in impls if i not in DEFAULT_IMPLS]
+        if bad:
+            raise ValueError(f"unknown case(s) / impl(s): {bad}")
+        by_dev = {}
+        for dev in _devices(args.device):
+            recs = measure(dev, cases, impls, args.min_time, args.compile_timeout)
+            by_dev[recs[0]["device"] if recs else dev] = recs
+    for dev, recs in by_dev.items():
+        print()
+        print(table(recs))
+        if args.no_write:
+            continue
+        os.makedirs(args.out, exist_ok=True)
+        stem = dev.replace("/", "_")
+        path = os.path.join(args.out, f"{stem}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(recs, f, indent=1)
+        os.replace(path + ".tmp", path)
+        fig = roofline_figure(recs, os.path.join(args.out, f"{stem}_roofline.png"))
+        print(f"wrote {path}" + (f" and {fig}" if fig else ""))
+    _ = results_stem
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=HELP)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
