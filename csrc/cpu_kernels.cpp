@@ -127,10 +127,11 @@ LRMT_INLINE void prep_rows(const PrepArgs<T>& a, int64_t k0, int64_t k1) {
   for (int64_t k = k0; k < k1; ++k) {
     const T* src = a.wih0 + k * D0;
     T* dst = a.ws + k * D0;
+    const int64_t sk = a.skip;
 #pragma omp simd
-    for (int64_t i = 0; i < P; ++i) dst[i] = src[i] * f0;
+    for (int64_t i = sk; i < P; ++i) dst[i] = src[i] * f0;
 #pragma omp simd
-    for (int64_t i = P; i < c0; ++i) dst[i] = src[i] * f1;
+    for (int64_t i = P + sk; i < c0; ++i) dst[i] = src[i] * f1;
 #pragma omp simd
     for (int64_t i = c0; i < c1; ++i) dst[i] = src[i] * f2;
     dst[c1] = src[c1] * f3;

@@ -41,6 +41,9 @@ struct PrepArgs {
   bool pre_one = false;
   T* ws = nullptr;
   T* bvec = nullptr;
+  // CPU forward: columns [0, skip) and [P, P + skip) (the w and g blocks that go through GEMMs
+  // with the scale as alpha) are not written. 0: write every column. (CUDA ignores it.)
+  int64_t skip = 0;
 };
 
 // LSTM cell, pointwise part (gate order i, f, g, o):
