@@ -362,6 +362,44 @@ def test_ours_needs_a_meta_learner_and_trains_head_b_by_sgd():
     assert all(not v.requires_grad for v in ours.params.values())
 
 
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_ours_meta_test_step_is_in_place_and_matches_the_meta_training_update(impl):
+    """The meta-test rollout of ``ours`` updates its weights and LSTM state in place (no graph)
+    and gives what the differentiable meta-training update gives, step after step."""
+    from lrmt_fast import ops
+    from lrmt_fast.metatrain import build_meta_learner, student_meta_update
+
+    if impl == "fused" and not ops.available("cpu"):
+        pytest.skip("fused extension not built")
+    torch.manual_seed(0)
+    model = TinyNet()
+    xa, ya, xb, yb = tiny_data(n=64)
+    w0 = param_dict(model)
+    meta = build_meta_learner(model, 4, 4)
+    with torch.no_grad():   # away from the SGD-exact initialisation
+        for lrn in meta.learners.values():
+            lrn.w_out.normal_(0, 0.5)
+    ctx = MethodContext(model, w0, LR, xa, ya, meta=meta, impl=impl)
+    ours = make_learner({"kind": "ours"}, ctx, w0)
+    ptrs = {k: v.data_ptr() for k, v in ours.params.items()}
+    sptrs = {k: (h.data_ptr(), c.data_ptr()) for k, (h, c) in ours.state.items()}
+    params = {k: v.clone() for k, v in w0.items()}
+    state = meta.init_state()
+    for t in range(4):
+        sl = slice(16 * t, 16 * (t + 1))
+        ours.step(xb[sl], yb[sl])
+        params, state, _, _ = student_meta_update(model, meta, params, state, xb[sl], yb[sl], LR, impl=impl)
+        params = {k: v.detach() for k, v in params.items()}
+        state = meta.detach_state(state)
+    assert {k: v.data_ptr() for k, v in ours.params.items()} == ptrs
+    assert {k: (h.data_ptr(), c.data_ptr()) for k, (h, c) in ours.state.items()} == sptrs
+    for k in params:
+        torch.testing.assert_close(ours.params[k], params[k], rtol=1e-5, atol=1e-6)
+    for k in state:
+        torch.testing.assert_close(ours.state[k][0], state[k][0], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ours.params["fc1.weight"], w0["fc1.weight"])
+
+
 def test_make_learner_rejects_unknown_kinds_and_options(setup64):
     _, w0, ctx, _ = setup64
     with pytest.raises(ValueError, match="unknown method kind"):
