@@ -849,20 +849,8 @@ void relu(const T* x, T* y, int64_t n) {
   });
 }
 
-#define LRMT_INSTANTIATE(T)                                   \
-  template void prep<T>(const PrepArgs<T>&);                  \
-  template void cell_fwd<T>(const CellFwdArgs<T>&);           \
-  template void out_fwd<T>(const OutFwdArgs<T>&);             \
-  template void fscale<T>(const FscaleArgs<T>&);              \
-  template void out_bwd<T>(const OutBwdArgs<T>&);             \
-  template void cell_bwd<T>(const CellBwdArgs<T>&);           \
-  template void col_reduce<T>(const ColReduceArgs<T>&);       \
-  template void row_dot<T>(const RowDotArgs<T>&);             \
-  template void finalize<T>(const FinalizeArgs<T>&);          \
-  template void relu<T>(const T*, T*, int64_t);
-
-LRMT_INSTANTIATE(float)
-LRMT_INSTANTIATE(double)
+LRMT_INSTANTIATE_KERNELS(float)
+LRMT_INSTANTIATE_KERNELS(double)
 
 }  // namespace cpu
 }  // namespace lrmt

@@ -187,6 +187,21 @@ struct FinalizeArgs {
   template <typename T> void relu(const T* x, T* y, int64_t n);    \
   }
 
+// Explicit instantiation of every kernel entry point for one element type; each backend's
+// source file (cpu_kernels.cpp, cuda_kernels.cu) ends with LRMT_INSTANTIATE_KERNELS(float)
+// and (double) inside its namespace, so the two lists cannot drift from the declarations.
+#define LRMT_INSTANTIATE_KERNELS(T)                           \
+  template void prep<T>(const PrepArgs<T>&);                  \
+  template void cell_fwd<T>(const CellFwdArgs<T>&);           \
+  template void out_fwd<T>(const OutFwdArgs<T>&);             \
+  template void fscale<T>(const FscaleArgs<T>&);              \
+  template void out_bwd<T>(const OutBwdArgs<T>&);             \
+  template void cell_bwd<T>(const CellBwdArgs<T>&);           \
+  template void col_reduce<T>(const ColReduceArgs<T>&);       \
+  template void row_dot<T>(const RowDotArgs<T>&);             \
+  template void finalize<T>(const FinalizeArgs<T>&);          \
+  template void relu<T>(const T*, T*, int64_t);
+
 LRMT_DECLARE_KERNELS(cpu)
 #ifdef LRMT_WITH_CUDA
 LRMT_DECLARE_KERNELS(cuda)

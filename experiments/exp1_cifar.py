@@ -194,9 +194,12 @@ def meta_key(parts: Dict) -> str:
 
 
 def run_metatraining(args, cfg: Dict, model, stream, out_dir: str, key_parts: Dict, sync, device: str,
-                     impl, progress: bool, log: Callable):
+                     impl, progress: bool, log: Callable, methods: Optional[Dict] = None):
     """Meta-train (or reuse the finished meta-learner); returns (meta on rank 0 else None,
-    meta checkpoint path, history)."""
+    meta checkpoint path, history). With ``methods`` given and no "ours" among them there
+    is nothing to meta-train: (None, None, [])."""
+    if methods is not None and not any(s.get("kind") == "ours" for s in methods.values()):
+        return None, None, []
     from lrmt_fast.checkpoint import load_checkpoint
     from lrmt_fast.distributed import broadcast_object
     from lrmt_fast.metatrain import CKPT_NAME, MetaTrainConfig, load_meta
@@ -368,10 +371,8 @@ def run(args: argparse.Namespace) -> int:
                                  int(mt.get("batch_a", 64)), int(mt.get("batch_b", 64)), device)
         key_parts = {"taskA": ainfo["key"], "data": fingerprint(b1.train_x, b1.train_y), "experiment": NAME}
         t0 = time.time()
-        needs_meta = any(s.get("kind") == "ours" for s in methods.values())
-        meta, meta_path, history = (run_metatraining(args, cfg, model, stream, out, key_parts, sync, device,
-                                                     args.impl, progress, log)
-                                    if needs_meta else (None, None, []))
+        meta, meta_path, history = run_metatraining(args, cfg, model, stream, out, key_parts, sync, device,
+                                                    args.impl, progress, log, methods)
         t_meta = time.time() - t0
     finally:
         shutdown(sync)

@@ -82,10 +82,8 @@ def run_cifar100(args: argparse.Namespace, name: str, config: str, default_out: 
                                  int(mt.get("batch_b", 64)), device, b_class_pool=B1_POOL, k=5)
         key_parts = {"taskA": ainfo["key"], "data": fingerprint(xb1, yb1), "experiment": name}
         t0 = time.time()
-        needs_meta = any(s.get("kind") == "ours" for s in methods.values())
-        meta, meta_path, history = (E.run_metatraining(args, cfg, model, stream, out, key_parts, sync, device,
-                                                       args.impl, progress, log)
-                                    if needs_meta else (None, None, []))
+        meta, meta_path, history = E.run_metatraining(args, cfg, model, stream, out, key_parts, sync, device,
+                                                      args.impl, progress, log, methods)
         t_meta = time.time() - t0
     finally:
         shutdown(sync)
