@@ -145,3 +145,32 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="corrupt"):
         metatrain(model, _stream(model), _cfg(), out_dir=str(tmp_path), resume=True, progress=False)
     assert bad.read_bytes() == b"not a checkpoint at all"   # nothing lost
+
+
+def test_curriculum_check_rollout_and_episode_end():
+    """experiments/curriculum_check.py: the freeze student's loss is the teacher's distance from
+    the checkpoint, a fresh meta-learner is plain SGD (equal curves), and the episode-end step is
+    where Algorithm 1 would break (NaN counts as over the threshold)."""
+    from experiments.curriculum_check import first_over, rollout
+
+    assert first_over([1.0, 2.0, 5.0], 3.0) == 3
+    assert first_over([1.0, 2.0], 3.0) is None
+    assert first_over([1.0, float("nan")], 3.0) == 2
+    torch.manual_seed(0)
+    model = TinyNet()
+    cfg = _cfg(lr=0.2)
+    stream = _stream(model)
+    students = {"sgd": build_meta_learner(model, 4, 3), "meta": build_meta_learner(model, 4, 3)}
+    curves = rollout(model, students, stream, episode=0, steps=4, mcfg=cfg, seed=3)
+    assert set(curves) == {"freeze", "sgd", "meta"} and all(len(c) == 4 for c in curves.values())
+    torch.testing.assert_close(torch.tensor(curves["sgd"]), torch.tensor(curves["meta"]))
+    # step 1 by hand: teacher's SGD step on the same batches, against the checkpoint
+    gen = torch.Generator().manual_seed(3 * 1_000_003)
+    ep = stream.new_episode(0, gen)
+    xa, ya = ep.next_a()
+    xb, yb = ep.next_b()
+    w0 = dict(ep.w0)
+    teacher = teacher_sgd_step(model, w0, xa, ya, xb, yb, cfg.lr)
+    expect = float(meta_loss(model, teacher, w0, torch.cat([xa, xb]), cfg))
+    assert curves["freeze"][0] == pytest.approx(expect, rel=1e-6)
+    assert curves["freeze"][0] > 0 and curves["sgd"][0] < curves["freeze"][0]
