@@ -65,7 +65,8 @@ def measure(device: str, cases: List[str], impls: List[str], min_time: float, co
 
     from .cases import make_case
     from .compiled import run_compiled
-    from .measure import add_ratios, cpu_model, load_average, machine_limits, peak_memory, record, time_case
+    from .measure import (add_ratios, cpu_model, load_average, machine_limits, peak_memory, record,
+                          time_cases_interleaved)
 
     if "fused" in impls and not ops.available(device):
         raise RuntimeError(f"the fused extension cannot run on {device}: {ops.build_info()}")
@@ -77,6 +78,12 @@ def measure(device: str, cases: List[str], impls: List[str], min_time: float, co
     recs: List[Dict] = []
     compile_failed: Dict[str, str] = {}  # model -> case whose compile timed out / failed
     for name in cases:
+        # the in-process implementations are timed together, in alternating blocks, so that their
+        # ratio does not depend on when each ran (measure.time_cases_interleaved)
+        local = [i for i in impls if i != "reference_compiled"]
+        built = [make_case(name, impl, device) for impl in local]
+        timed = dict(zip(local, time_cases_interleaved(built, min_time=min_time)))
+        built = dict(zip(local, built))
         for impl in impls:
             gc.collect()
             if impl == "reference_compiled":
@@ -103,10 +110,9 @@ def measure(device: str, cases: List[str], impls: List[str], min_time: float, co
                     rec["rounds"] = 0
                     rec["note"] = res.get("reason")
             else:
-                case = make_case(name, impl, device)
-                times = time_case(case, min_time=min_time)
+                case = built.pop(impl)
                 mem = peak_memory(case)
-                rec = record(case, times, mem, limits, **common)
+                rec = record(case, timed[impl], mem, limits, timing="interleaved blocks", **common)
                 del case
             rec["load_avg_end"] = load_average()
             recs.append(rec)
