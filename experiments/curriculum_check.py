@@ -36,7 +36,7 @@ def rollout(model, meta_students: Dict, stream, episode: int, steps: int, mcfg, 
     ep = stream.new_episode(episode, gen)
     w0 = {k: v.clone() for k, v in ep.w0.items()}
     teacher = dict(w0)
-    students = {name: (dict(w0), m.init_state() if m is not None else None) for name, m in meta_students.items()}
+    students = {name: (dict(w0), m.init_state()) for name, m in meta_students.items()}
     losses: Dict[str, List[float]] = {"freeze": []}
     losses.update({name: [] for name in meta_students})
     for _ in range(steps):
@@ -82,7 +82,6 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=None, help="JSON output (default: <cache>/../curriculum_check.json)")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     cfg = common.resolve_profile(CONFIG, args.profile)
     tasks = load_tasks(cfg, args.data_root)
@@ -90,13 +89,14 @@ def main(argv=None) -> int:
     pcfg = common.dataclass_from(PretrainConfig, cfg.get("pretrain"), "pretrain")
     model, _ = load_or_pretrain(cache, tasks.a, tasks.b.num_classes, pcfg, "cpu", True, print)
     w0 = {k: v.detach().clone() for k, v in param_dict(model).items()}
-    mt = {k: v for k, v in (cfg.get("metatrain") or {}).items()}
-    mcfg = MetaTrainConfig.from_dict(mt)
+    mcfg = MetaTrainConfig.from_dict(cfg.get("metatrain") or {})
     xb1, yb1 = tasks.b1
     stream = common.FreshHeadStream(w0, tasks.a.train_x, tasks.a.train_y, xb1, yb1, mcfg.batch_a, mcfg.batch_b)
     students = {"sgd": build_meta_learner(model, mcfg.hidden, mcfg.hidden_gn)}
     if args.meta:
         students["meta"] = load_meta(args.meta)
+    for m in students.values():   # rolled out only: no graph to theta
+        m.requires_grad_(False)
 
     per_ep = [rollout(model, students, stream, e, args.steps, mcfg, args.seed) for e in range(args.episodes)]
     names = list(per_ep[0])

@@ -170,18 +170,12 @@ class OursLearner(Learner):
         self.model, self.lr, self.impl = model, lr, impl
 
     def step(self, xb, yb) -> float:
-        """The meta-test update, in place and without a graph (DESIGN.md section 2):
-        :meth:`MetaLearner.step_` overwrites the trunk weights and the LSTM state (the
-        fused path allocates nothing per step), SGD on head_b. Same arithmetic as the
-        differentiable :func:`lrmt_fast.metatrain.student_meta_update` of meta-training."""
-        from .metatrain import adapted_modules
-        from .student import grads_and_acts
-        loss, grads, acts = grads_and_acts(self.model, self.params, xb, yb, "b", adapted_modules(self.meta))
-        with torch.no_grad():
-            self.meta.step_(self.params, grads, acts, self.state, self.lr, impl=self.impl)
-            for k, v in self.params.items():
-                if k.startswith("head_b."):
-                    v.sub_(grads[k], alpha=self.lr)
+        """The meta-test update, in place and without a graph (DESIGN.md section 2): the
+        trunk weights and the LSTM state are overwritten (the fused path allocates nothing
+        per step), SGD on head_b; the same arithmetic as meta-training's update."""
+        from .metatrain import student_meta_update
+        _, _, _, loss = student_meta_update(self.model, self.meta, self.params, self.state, xb, yb, self.lr,
+                                            impl=self.impl, in_place=True)
         return float(loss)
 
 
