@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -32,6 +33,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_pool.h"
 #include "kernels.h"
 
 namespace lrmt {
@@ -679,10 +681,15 @@ using NetOut = std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<
 Tensor snapshot_theta(TensorList theta, const Tensor& like) {
   int64_t n = 0;
   for (auto& t : theta) n += t.numel();
-  Tensor snap = at::empty({n}, like.options());
+  Tensor snap = op_empty({n}, like.options());
   int64_t off = 0;
+  const bool host = like.is_cpu();
   for (auto& t : theta) {
-    snap.narrow(0, off, t.numel()).copy_(t.reshape({-1}));
+    if (host && t.is_cpu() && t.is_contiguous() && t.scalar_type() == snap.scalar_type())
+      std::memcpy(static_cast<char*>(snap.data_ptr()) + off * snap.element_size(), t.data_ptr(),
+                  t.numel() * snap.element_size());
+    else
+      snap.narrow(0, off, t.numel()).copy_(t.reshape({-1}));
     off += t.numel();
   }
   return snap;
@@ -710,17 +717,17 @@ NetOut net_forward(const char* op, Net& net, double lr, const std::optional<Tens
   std::vector<Tensor> w_new, wb_new, delta, h_new, c_new;
   int64_t saved_n = 0;
   for (auto& s : net.layers) saved_n += s.saved_numel();
-  Tensor saved = at::empty({save ? saved_n : 0}, opts);
+  Tensor saved = op_empty({save ? saved_n : 0}, opts);
   Tensor snap = snapshot ? snapshot_theta(theta, W0) : at::empty({0}, opts);
   Arena& ar = get_arena(net.device, net.dtype, max_fwd_workspace(net));
   int64_t off = 0;
   for (size_t i = 0; i < net.layers.size(); ++i) {
     const Layer& s = net.layers[i];
-    Tensor wn = at::empty({s.cout, s.Pw}, opts);
-    Tensor wbn = s.has_b ? at::empty({s.cout}, opts) : Tensor();
-    Tensor d = at::empty({s.cout, s.P}, opts);
-    Tensor hn = at::empty_like(s.h);
-    Tensor cn = at::empty_like(s.c);
+    Tensor wn = op_empty({s.cout, s.Pw}, opts);
+    Tensor wbn = s.has_b ? op_empty({s.cout}, opts) : Tensor();
+    Tensor d = op_empty({s.cout, s.P}, opts);
+    Tensor hn = op_empty_like(s.h);
+    Tensor cn = op_empty_like(s.c);
     Tensor gates, tsave;
     if (save) {
       gates = saved.narrow(0, off, s.L * s.cout * 4 * s.H).view({s.L, s.cout, 4 * s.H});
@@ -888,15 +895,15 @@ meta_step_net_backward(const OptList& grad_w_new, const OptList& grad_wb_new, co
     lg.gh = opt_at(grad_h_new, i);
     lg.gc = opt_at(grad_c_new, i);
     if (need_w) {
-      lg.gW = at::empty({s.cout, s.Pw}, s.W.options());
-      if (s.has_b) lg.gWb = at::empty({s.cout}, s.W.options());
+      lg.gW = op_empty({s.cout, s.Pw}, s.W.options());
+      if (s.has_b) lg.gWb = op_empty({s.cout}, s.W.options());
     }
     if (need_hc) {
-      lg.gh_in = at::empty_like(s.h);
-      lg.gc_in = at::empty_like(s.c);
+      lg.gh_in = op_empty_like(s.h);
+      lg.gc_in = op_empty_like(s.c);
     }
     if (need_theta)
-      for (auto& t : s.th) lg.gth.push_back(at::empty(t.sizes(), t.options()));
+      for (auto& t : s.th) lg.gth.push_back(op_empty(t.sizes(), t.options()));
     ck(h_new[i], idx("h_new", i));
     ck(c_new[i], idx("c_new", i));
     Tensor gates = saved.narrow(0, off, s.L * s.cout * 4 * s.H).view({s.L, s.cout, 4 * s.H});
@@ -1010,4 +1017,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return d;
   });
   m.def("_workspace_clear", []() { lrmt::arenas().clear(); }, "free this thread's workspaces");
+  m.def("_pool_stats", []() {
+    lrmt::PoolStats s = lrmt::pool_stats();
+    pybind11::dict d;
+    d["os_allocations"] = s.os_allocations;
+    d["reuses"] = s.reuses;
+    d["live_bytes"] = s.live_bytes;
+    d["cached_bytes"] = s.cached_bytes;
+    d["limit_bytes"] = s.limit_bytes;
+    return d;
+  });
+  m.def("_pool_clear", &lrmt::pool_clear, "give the CPU pool's cached blocks back to the system");
+  m.def("_pool_set_limit", &lrmt::pool_set_limit, "cap (bytes) on the CPU pool's cache; 0 turns the pool off");
 }

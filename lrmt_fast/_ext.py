@@ -6,8 +6,9 @@ the operators the extension defines with ``TORCH_LIBRARY`` (``torch.ops.lrmt_fas
 
 - fake (meta) kernels (``torch.library.register_fake``), so the ops work under
   FakeTensor / torch.compile / ``torch.library.opcheck``;
-- autograd formulas (``torch.library.register_autograd``) for ``meta_step`` and
-  ``meta_step_net``; both backwards call ``meta_step_net_backward``.
+- the autograd formula (``torch.library.register_autograd``) of ``meta_step``; that of
+  ``meta_step_net`` is C++ (csrc/net_autograd.cpp); both backwards call
+  ``meta_step_net_backward``.
 
 The forward ops return two opaque buffers besides their results: ``saved`` (the
 activated LSTM gates and the tanh outputs that the backward needs) and
@@ -53,8 +54,22 @@ def workspace_stats() -> dict:
 
 
 def workspace_clear() -> None:
+    """Free this thread's workspaces and the CPU pool's cached blocks."""
     if AVAILABLE:
         _C._workspace_clear()
+        _C._pool_clear()
+
+
+def cpu_pool_stats() -> dict:
+    """The CPU caching allocator of the ops' outputs (csrc/cpu_pool.h): blocks taken from the
+    system, allocations served from the cache, live and cached bytes, the cache's cap."""
+    return dict(_C._pool_stats()) if AVAILABLE else {}
+
+
+def cpu_pool_set_limit(nbytes: int) -> None:
+    """Cap the CPU pool's cache at ``nbytes`` (0 turns the pool off; env LRMT_CPU_POOL_MB)."""
+    if AVAILABLE:
+        _C._pool_set_limit(int(nbytes))
 
 
 # --------------------------------------------------------------------------------------
@@ -160,62 +175,6 @@ if AVAILABLE:
 
     torch.library.register_autograd("lrmt_fast::meta_step", _single_backward, setup_context=_single_setup)
 
-    # ----------------------------------------------------------------------------------
-    # autograd: meta_step_net (a list of layers)
-    # ----------------------------------------------------------------------------------
-    def _net_setup(ctx, inputs, output):
-        w, wb, g, gb, pre, post, h, c, theta, flags, lr, fscale, save, snapshot = inputs
-        _w_new, _wb_new, _delta, h_new, c_new, fs, saved, snap = output
-        ctx.mark_non_differentiable(fs, saved, snap)
-        ctx.set_materialize_grads(False)
-        ctx.lr = float(lr)
-        ctx.save = bool(save)
-        ctx.snapshot = bool(snapshot)
-        ctx.flags = list(flags)
-        nl, nb = len(w), len(wb)
-        ctx.counts = (nl, nb, len(theta))
-        tensors = [*w, *wb, *g, *gb, *pre, *post, *h, *c, fs, *h_new, *c_new, saved, snap]
-        if ctx.snapshot:
-            ctx.theta_ref = list(theta)  # shapes only: the values are read from `snap`
-        else:
-            tensors += list(theta)
-        ctx.save_for_backward(*tensors)
-
-    def _net_backward(ctx, gw_new, gwb_new, gdelta, gh_new, gc_new, _gfs, _gsaved, _gsnap):
-        if not ctx.save:
-            raise RuntimeError("lrmt_fast.meta_step_net: backward needs the forward to run with save=True")
-        nl, nb, nt = ctx.counts
-        st = list(ctx.saved_tensors)
-
-        def take(n):
-            nonlocal st
-            out, st = st[:n], st[n:]
-            return out
-
-        w, wb, g, gb, pre, post, h, c = take(nl), take(nb), take(nl), take(nb), take(nl), take(nl), take(nl), take(nl)
-        (fs,) = take(1)
-        h_new, c_new = take(nl), take(nl)
-        saved, snap = take(2)
-        theta = ctx.theta_ref if ctx.snapshot else take(nt)
-        nig = ctx.needs_input_grad
-        need_w = any(nig[0]) or any(nig[1])
-        need_hc = any(nig[6]) or any(nig[7])
-        need_theta = any(nig[8])
-
-        def lst(x, n):
-            return [None] * n if x is None else list(x)
-
-        gw, gwb, gh, gc, gth = torch.ops.lrmt_fast.meta_step_net_backward(
-            lst(gw_new, nl), lst(gwb_new, nb), lst(gdelta, nl), lst(gh_new, nl), lst(gc_new, nl), w, wb, g, gb,
-            pre, post, h, c, list(theta), ctx.flags, ctx.lr, fs, h_new, c_new, saved, snap, need_w, need_hc,
-            need_theta)
-
-        def pick(grads, needs, n):
-            if not grads:
-                return [None] * n
-            return [t if need else None for t, need in zip(grads, needs)]
-
-        return (pick(gw, nig[0], nl), pick(gwb, nig[1], nb), [None] * nl, [None] * nb, [None] * nl, [None] * nl,
-                pick(gh, nig[6], nl), pick(gc, nig[7], nl), pick(gth, nig[8], nt), None, None, None, None, None)
-
-    torch.library.register_autograd("lrmt_fast::meta_step_net", _net_backward, setup_context=_net_setup)
+    # meta_step_net (a list of layers): its autograd formula is registered in C++
+    # (csrc/net_autograd.cpp, a torch::autograd::Function at the Autograd key), with the same
+    # backward op, meta_step_net_backward.

@@ -268,6 +268,60 @@ def test_network_op_matches_reference_with_given_fscale():
         torch.testing.assert_close(out[4][i], r[3], rtol=1e-12, atol=1e-12)
 
 
+def _net_grads(requires, snapshot=False, bump_theta=False, seed=5):
+    """Gradients of a scalar of the network op's outputs w.r.t. the inputs in ``requires``
+    (subset of 'w', 'h', 'theta'); None where an input does not require grad."""
+    torch.manual_seed(seed)  # the learners' initial weights
+    w, wb, g, gb, pre, post, h, c, theta, flags = _net_inputs_small(seed=seed)
+    groups = {"w": w + wb, "h": h + c, "theta": theta}
+    leaves = {k: [t.clone().requires_grad_(k in requires) for t in v] for k, v in groups.items()}
+    xw, xh, xth = leaves["w"], leaves["h"], leaves["theta"]
+    fs = torch.rand(3, 4, generator=torch.Generator().manual_seed(1), dtype=F64) + 0.5
+    out = torch.ops.lrmt_fast.meta_step_net(xw[:3], xw[3:], g, gb, pre, post, xh[:3], xh[3:], xth, flags, 0.2, fs,
+                                            True, snapshot)
+    gen = torch.Generator().manual_seed(9)
+    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=F64)).sum()
+               for lst in out[:5] for t in lst)
+    if bump_theta:
+        with torch.no_grad():
+            for t in xth:
+                t.add_(0.25)   # an optimiser step between forward and backward
+    loss.backward()
+    return {k: [t.grad for t in v] for k, v in leaves.items()}
+
+
+def test_network_op_partial_needs_match_full_backward():
+    """The C++ autograd formula (csrc/net_autograd.cpp) gives each input's gradient whatever
+    else requires grad, and none to inputs that do not."""
+    full = _net_grads({"w", "h", "theta"})
+    for sub in ({"w"}, {"h"}, {"theta"}, {"w", "theta"}):
+        part = _net_grads(sub)
+        for k in ("w", "h", "theta"):
+            for a, b in zip(part[k], full[k]):
+                if k in sub:
+                    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+                else:
+                    assert a is None
+
+
+def test_network_op_snapshot_keeps_gradients_of_the_forward_theta():
+    ref = _net_grads({"w", "h", "theta"}, snapshot=True)
+    bumped = _net_grads({"w", "h", "theta"}, snapshot=True, bump_theta=True)
+    for k in ("w", "h", "theta"):
+        for a, b in zip(bumped[k], ref[k]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _net_grads({"w", "theta"}, snapshot=False, bump_theta=True)
+
+
+def test_network_op_backward_needs_save():
+    w, wb, g, gb, pre, post, h, c, theta, flags = _net_inputs_small()
+    th = [t.clone().requires_grad_(True) for t in theta]
+    out = torch.ops.lrmt_fast.meta_step_net(w, wb, g, gb, pre, post, h, c, th, flags, 0.2, None, False, False)
+    with pytest.raises(RuntimeError, match="save=True"):
+        out[0][0].sum().backward()
+
+
 # ------------------------------------------------------------------------------------------
 # opcheck
 # ------------------------------------------------------------------------------------------
@@ -615,6 +669,68 @@ def test_workspace_cache_is_shared_and_stable_across_shapes():
             ops.meta_step_(inp["w"], inp["g"], inp["pre"], inp["post"], inp["h"], inp["c"], inp["theta"], 0.1,
                            inp["fs"], delta_out=torch.empty_like(inp["w"]), impl="fused")
     assert _ext.workspace_stats()["allocations"] == n
+
+
+def _train_window(ml, params, grads, acts, state, steps=3):
+    p, st = params, state
+    for _ in range(steps):
+        new, st, _ = ops.network_step(ml, p, grads, acts, st, 0.1, snapshot=True)
+        p = {**p, **new}
+    sum(v.sum() for v in new.values()).backward()
+    ml.zero_grad(set_to_none=True)   # theta's gradients are pool tensors too
+
+
+def test_cpu_pool_reuses_the_blocks_of_a_training_window():
+    """The ops' outputs (saved buffers, snapshots, new weights, gradients) come from the CPU
+    pool (csrc/cpu_pool.h): a second T-BPTT window takes no block from the system, and every
+    block is back in the cache once the window's graph is gone."""
+    ml, params, grads, acts, state = _student(LeNet(), 32, 32, F32)
+    _ext.cpu_pool_set_limit(1 << 30)
+    try:
+        _train_window(ml, params, grads, acts, state)
+        s0 = _ext.cpu_pool_stats()
+        assert s0["live_bytes"] == 0 and s0["cached_bytes"] > 0
+        _train_window(ml, params, grads, acts, state)
+        s1 = _ext.cpu_pool_stats()
+        assert s1["os_allocations"] == s0["os_allocations"]
+        assert s1["reuses"] > s0["reuses"]
+        assert s1["live_bytes"] == 0 and s1["cached_bytes"] == s0["cached_bytes"]
+        # off: nothing cached, the tensors come from the default allocator
+        _ext.cpu_pool_set_limit(0)
+        _train_window(ml, params, grads, acts, state)
+        s2 = _ext.cpu_pool_stats()
+        assert s2["cached_bytes"] == 0 and s2["os_allocations"] == s1["os_allocations"]
+    finally:
+        _ext.cpu_pool_set_limit(1 << 30)
+
+
+def test_cpu_pool_tensors_are_seen_by_the_profiler():
+    """Memory measurements (benchmarks/measure.py) see the pool's tensors as live bytes."""
+    ml, params, grads, acts, state = _student(LeNet(), 32, 32, F32)
+    _train_window(ml, params, grads, acts, state)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _train_window(ml, params, grads, acts, state)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    # the graph of the 3-step window holds 3 `saved` buffers of fc1 at once (pool tensors)
+    fc1 = next(l for l in ml.layers if l.cout == 500)
+    saved_fc1 = (3 * fc1.cout * 4 * fc1.hidden + fc1.cout * fc1.p) * 4
+    assert peak >= 3 * saved_fc1
+    assert abs(cur) < saved_fc1      # and all of it freed by the end
+
+
+def test_cpu_pool_limit_env_is_checked():
+    import subprocess
+    import sys
+    code = "import lrmt_fast._ext as e; print(e.cpu_pool_stats())"  # the first use of the pool reads it
+    r = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "LRMT_CPU_POOL_MB": "lots"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "LRMT_CPU_POOL_MB" in r.stderr
 
 
 # ------------------------------------------------------------------------------------------
