@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -34,6 +35,7 @@
 #include <vector>
 
 #include "cpu_pool.h"
+#include "gemm.h"
 #include "kernels.h"
 
 namespace lrmt {
@@ -120,6 +122,13 @@ class Arena {
     Tensor v = buf_.narrow(0, off_, n).view(shape);
     off_ += round_up(n);
     return v;
+  }
+  template <typename T>
+  T* take_ptr(int64_t n) {
+    TORCH_INTERNAL_ASSERT(off_ + n <= buf_.numel(), "lrmt_fast: workspace too small");
+    T* p = buf_.data_ptr<T>() + off_;
+    off_ += round_up(n);
+    return p;
   }
   int64_t mark() const { return off_; }
   void reset(int64_t m) { off_ = m; }
@@ -300,16 +309,37 @@ LRMT_KERNEL(row_dot)
 LRMT_KERNEL(finalize)
 
 template <typename T>
-void k_relu(const c10::Device& d, const Tensor& x, const Tensor& y) {
+void k_relu(const c10::Device& d, const T* x, T* y, int64_t n) {
 #ifdef LRMT_WITH_CUDA
-  if (d.is_cuda()) return cuda::relu<T>(x.data_ptr<T>(), y.data_ptr<T>(), x.numel());
+  if (d.is_cuda()) return cuda::relu<T>(x, y, n);
 #endif
-  cpu::relu<T>(x.data_ptr<T>(), y.data_ptr<T>(), x.numel());
+  cpu::relu<T>(x, y, n);
 }
 
-// GEMM into a view (ATen's *_out take the output by non-const reference)
-void mm_into(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
-void sum0_into(Tensor out, const Tensor& a) { at::sum_out(out, a, {0}); }
+// a 1-D tensor over device memory (no pointer query: the device is given)
+template <typename T>
+Tensor wrap1(const c10::Device& d, const T* p, int64_t n) {
+  return at::for_blob(const_cast<T*>(p), {n})
+      .target_device(d)
+      .options(at::TensorOptions().device(d).dtype(c10::CppTypeToScalarType<T>::value))
+      .make_tensor();
+}
+
+// out[j] = sum_i A[i, j] (A rows x cols, row-major), with ATen's summation (pairwise: a GEMM
+// with a ones vector accumulates 500 float32 rows in order, 5x less accurately)
+template <typename T>
+void colsum(const c10::Device& d, const T* A, int64_t rows, int64_t cols, T* out) {
+  const auto opts = at::TensorOptions().device(d).dtype(c10::CppTypeToScalarType<T>::value);
+  Tensor a = at::for_blob(const_cast<T*>(A), {rows, cols}).target_device(d).options(opts).make_tensor();
+  Tensor o = wrap1<T>(d, out, cols);
+  at::sum_out(o, a, {0});
+}
+
+template <typename T>
+void k_copy(const c10::Device& d, const T* src, T* dst, int64_t n) {
+  if (d.is_cpu()) std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
+  else wrap1<T>(d, dst, n).copy_(wrap1<T>(d, src, n));
+}
 
 template <typename T>
 T* ptr(const Tensor& t) {
@@ -345,7 +375,7 @@ void feature_scale_layer(const Layer& s, const Tensor& out4) {
 // forward of one layer
 // ------------------------------------------------------------------------------------
 template <typename T>
-PrepArgs<T> prep_args(const Layer& s, const Tensor& fs, const Tensor& Ws, const Tensor& bvec) {
+PrepArgs<T> prep_args(const Layer& s, const T* fs, T* ws, T* bvec) {
   PrepArgs<T> pa;
   pa.G4 = 4 * s.H;
   pa.D0 = s.D0;
@@ -353,49 +383,61 @@ PrepArgs<T> prep_args(const Layer& s, const Tensor& fs, const Tensor& Ws, const 
   pa.cinp = s.cinp;
   pa.wih0 = ptr<T>(s.th[0]);
   pa.b0 = ptr<T>(s.th[2]);
-  pa.fs = ptr<T>(fs);
+  pa.fs = fs;
   pa.pre = s.pre_shared ? ptr<T>(s.pre) : nullptr;
   pa.npre = s.npre;
   pa.pre_one = s.pre_one;
-  pa.ws = ptr<T>(Ws);
-  pa.bvec = ptr<T>(bvec);
+  pa.ws = ws;
+  pa.bvec = bvec;
   return pa;
 }
 
+// The GEMMs of one layer on raw pointers (gemm.h): row-major matrices with leading dims.
 template <typename T>
-void forward_layer(const Layer& s, const Tensor& fs, double lr, const Tensor& W_out, const Tensor& Wb_out,
+struct LayerGemm {
+  at::TensorOptions opts;
+  // C (M x N, ldc) = alpha * op(A) op(B) + beta * C
+  void operator()(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const T* A, int64_t lda,
+                  const T* B, int64_t ldb, double beta, T* C, int64_t ldc) const {
+    gemm<T>(opts, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+};
+
+template <typename T>
+void forward_layer(const Layer& s, const T* fs, double lr, const Tensor& W_out, const Tensor& Wb_out,
                    const Tensor& delta, const Tensor& h_out, const Tensor& c_out, const Tensor& gates,
                    const Tensor& t_save, Arena& ar) {
   const auto dev = s.W.device();
   const int64_t H = s.H, G4 = 4 * H, cout = s.cout, P = s.P, Pw = s.Pw, D0 = s.D0, L = s.L;
-  Tensor Ws = ar.take({G4, D0});
-  Tensor bvec = ar.take({G4});
-  Tensor A = ar.take({cout, G4});
-  Tensor X = ar.take({cout, H});
-  Tensor Z = ar.take({cout, P});
+  const LayerGemm<T> mm{s.W.options()};
+  T* ws = ar.take_ptr<T>(G4 * D0);
+  T* bvec = ar.take_ptr<T>(G4);
+  T* A = ar.take_ptr<T>(cout * G4);
+  T* X = ar.take_ptr<T>(cout * H);
+  T* Z = ar.take_ptr<T>(cout * P);
+  const T* h = ptr<T>(s.h);
   // On CPU the feature scale of the w and g groups is the alpha of their GEMMs (read on the
   // host), so prep does not rescale those two blocks of w_ih0 every step (4H x 2Pw values;
   // 3% of a LeNet update). On CUDA the scale stays on the device (no sync, graph capture).
   const bool fold = dev.is_cpu() && s.w_gemm;
   {
-    PrepArgs<T> pa = prep_args<T>(s, fs, Ws, bvec);
+    PrepArgs<T> pa = prep_args<T>(s, fs, ws, bvec);
     if (fold) pa.skip = Pw;
     k_prep(dev, pa);
   }
 
   // cell 0: A = h0 Whh0^T + w Ww^T + g Wg^T (+ pre Wpre^T), width-one groups as rank-1 terms
-  at::mm_out(A, s.h[0], s.th[1].t());
+  mm(false, true, cout, G4, H, 1.0, h, H, ptr<T>(s.th[1]), H, 0.0, A, G4);
   if (fold) {
-    const T* f = ptr<T>(fs);
-    A.addmm_(s.W, s.th[0].narrow(1, 0, Pw).t(), 1, f[0]);
-    A.addmm_(s.G, s.th[0].narrow(1, P, Pw).t(), 1, f[1]);
+    const T* wih0 = ptr<T>(s.th[0]);
+    mm(false, true, cout, G4, Pw, static_cast<double>(fs[0]), ptr<T>(s.W), Pw, wih0, D0, 1.0, A, G4);
+    mm(false, true, cout, G4, Pw, static_cast<double>(fs[1]), ptr<T>(s.G), Pw, wih0 + P, D0, 1.0, A, G4);
   } else if (s.w_gemm) {
-    A.addmm_(s.W, Ws.narrow(1, 0, Pw).t());
-    A.addmm_(s.G, Ws.narrow(1, P, Pw).t());
+    mm(false, true, cout, G4, Pw, 1.0, ptr<T>(s.W), Pw, ws, D0, 1.0, A, G4);
+    mm(false, true, cout, G4, Pw, 1.0, ptr<T>(s.G), Pw, ws + P, D0, 1.0, A, G4);
   }
-  if (s.pre_gemm) A.addmm_(s.pre, Ws.narrow(1, 2 * P, s.cinp).t());
+  if (s.pre_gemm) mm(false, true, cout, G4, s.cinp, 1.0, ptr<T>(s.pre), s.cinp, ws + 2 * P, D0, 1.0, A, G4);
   Rank1<T> r1;
-  T* ws = ptr<T>(Ws);
   auto add = [&](const Tensor& u, int64_t us, int64_t col) {
     r1.u[r1.n] = ptr<T>(u);
     r1.us[r1.n] = us;
@@ -416,28 +458,28 @@ void forward_layer(const Layer& s, const Tensor& fs, double lr, const Tensor& W_
 
   for (int64_t l = 0; l < L; ++l) {
     if (l > 0) {
-      at::mm_out(A, X, s.th[3 * l].t());
-      A.addmm_(s.h[l], s.th[3 * l + 1].t());
+      mm(false, true, cout, G4, H, 1.0, X, H, ptr<T>(s.th[3 * l]), H, 0.0, A, G4);
+      mm(false, true, cout, G4, H, 1.0, h + l * cout * H, H, ptr<T>(s.th[3 * l + 1]), H, 1.0, A, G4);
     }
     CellFwdArgs<T> ca;
     ca.rows = cout;
     ca.H = H;
-    ca.A = ptr<T>(A);
-    ca.bias = l == 0 ? ptr<T>(bvec) : ptr<T>(s.th[3 * l + 2]);
+    ca.A = A;
+    ca.bias = l == 0 ? bvec : ptr<T>(s.th[3 * l + 2]);
     if (l == 0) ca.r1 = r1;
     ca.c_in = ptr<T>(s.c) + l * cout * H;
     ca.h_out = ptr<T>(h_out) + l * cout * H;
     ca.c_out = ptr<T>(c_out) + l * cout * H;
     ca.gates = gates.defined() ? ptr<T>(gates) + l * cout * G4 : nullptr;
-    ca.x_out = ptr<T>(X);
+    ca.x_out = X;
     k_cell_fwd(dev, ca);
   }
-  at::mm_out(Z, X, s.th[3 * L].t());
+  mm(false, true, cout, P, H, 1.0, X, H, ptr<T>(s.th[3 * L]), H, 0.0, Z, P);
   OutFwdArgs<T> oa;
   oa.rows = cout;
   oa.P = P;
   oa.Pw = Pw;
-  oa.Z = ptr<T>(Z);
+  oa.Z = Z;
   oa.b_out = ptr<T>(s.th[3 * L + 1]);
   oa.scale = ptr<T>(s.th[3 * L + 2]);
   oa.lr = static_cast<T>(lr);
@@ -462,22 +504,25 @@ struct LayerGrads {
 };
 
 template <typename T>
-void backward_layer(const Layer& s, const Tensor& fs, double lr, const Tensor& h_new, const Tensor& c_new,
+void backward_layer(const Layer& s, const T* fs, double lr, const Tensor& h_new, const Tensor& c_new,
                     const Tensor& gates, const Tensor& t, LayerGrads& g, bool need_w, bool need_hc, bool need_theta,
                     Arena& ar) {
   const auto dev = s.W.device();
   const int64_t H = s.H, G4 = 4 * H, cout = s.cout, P = s.P, Pw = s.Pw, D0 = s.D0, L = s.L;
-  Tensor Ws = ar.take({G4, D0});
-  Tensor bvec = ar.take({G4});
-  Tensor dZ = ar.take({cout, P});
-  Tensor dA = ar.take({cout, G4});
-  Tensor dX = ar.take({cout, H});
-  Tensor X = ar.take({cout, H});
-  Tensor red = ar.take({kMaxRank1 * G4});
-  Tensor partial = ar.take({kPartials});
-  Tensor gscale_scratch = ar.take({1});
+  const LayerGemm<T> mm{s.W.options()};
+  T* ws = ar.take_ptr<T>(G4 * D0);
+  T* bvec = ar.take_ptr<T>(G4);
+  T* dZ = ar.take_ptr<T>(cout * P);
+  T* dA = ar.take_ptr<T>(cout * G4);
+  T* dX = ar.take_ptr<T>(cout * H);
+  T* X = ar.take_ptr<T>(cout * H);
+  T* red = ar.take_ptr<T>(kMaxRank1 * G4);
+  T* partial = ar.take_ptr<T>(kPartials);
+  T* gscale_scratch = ar.take_ptr<T>(1);
+  const T* h = ptr<T>(s.h);
+  const T* hn = ptr<T>(h_new);
   {
-    PrepArgs<T> pa = prep_args<T>(s, fs, Ws, bvec);
+    PrepArgs<T> pa = prep_args<T>(s, fs, ws, bvec);
     pa.bvec = nullptr;
     k_prep(dev, pa);
   }
@@ -493,16 +538,16 @@ void backward_layer(const Layer& s, const Tensor& fs, double lr, const Tensor& h
   ob.t = ptr<T>(t);
   ob.scale = ptr<T>(s.th[3 * L + 2]);
   ob.lr = static_cast<T>(lr);
-  ob.dZ = ptr<T>(dZ);
-  ob.g_scale = need_theta ? ptr<T>(g.gth[3 * L + 2]) : ptr<T>(gscale_scratch);
-  ob.partial = ptr<T>(partial);
+  ob.dZ = dZ;
+  ob.g_scale = need_theta ? ptr<T>(g.gth[3 * L + 2]) : gscale_scratch;
+  ob.partial = partial;
   k_out_bwd(dev, ob);
   if (need_theta) {
-    at::sum_out(g.gth[3 * L + 1], dZ, {0});
-    k_relu<T>(dev, h_new[L - 1], X);
-    at::mm_out(g.gth[3 * L], dZ.t(), X);
+    colsum<T>(dev, dZ, cout, P, ptr<T>(g.gth[3 * L + 1]));
+    k_relu<T>(dev, hn + (L - 1) * cout * H, X, cout * H);
+    mm(true, false, P, H, cout, 1.0, dZ, P, X, H, 0.0, ptr<T>(g.gth[3 * L]), H);
   }
-  at::mm_out(dX, dZ, s.th[3 * L]);
+  mm(false, false, cout, H, P, 1.0, dZ, P, ptr<T>(s.th[3 * L]), H, 0.0, dX, H);
   for (int64_t l = L - 1; l >= 0; --l) {
     CellBwdArgs<T> cb;
     cb.rows = cout;
@@ -510,37 +555,39 @@ void backward_layer(const Layer& s, const Tensor& fs, double lr, const Tensor& h
     cb.gates = ptr<T>(gates) + l * cout * G4;
     cb.c_prev = ptr<T>(s.c) + l * cout * H;
     cb.c_new = ptr<T>(c_new) + l * cout * H;
-    cb.h_new = ptr<T>(h_new) + l * cout * H;
-    cb.dX = ptr<T>(dX);
+    cb.h_new = hn + l * cout * H;
+    cb.dX = dX;
     cb.gh = g.gh.defined() ? ptr<T>(g.gh) + l * cout * H : nullptr;
     cb.gc = g.gc.defined() ? ptr<T>(g.gc) + l * cout * H : nullptr;
-    cb.dA = ptr<T>(dA);
+    cb.dA = dA;
     cb.gc_prev = need_hc ? ptr<T>(g.gc_in) + l * cout * H : nullptr;
     k_cell_bwd(dev, cb);
-    if (need_hc) mm_into(g.gh_in[l], dA, s.th[3 * l + 1]);
+    if (need_hc) mm(false, false, cout, H, G4, 1.0, dA, G4, ptr<T>(s.th[3 * l + 1]), H, 0.0,
+                    ptr<T>(g.gh_in) + l * cout * H, H);
     if (need_theta) {
-      at::mm_out(g.gth[3 * l + 1], dA.t(), s.h[l]);
-      at::sum_out(g.gth[3 * l + 2], dA, {0});
+      mm(true, false, G4, H, cout, 1.0, dA, G4, h + l * cout * H, H, 0.0, ptr<T>(g.gth[3 * l + 1]), H);
+      colsum<T>(dev, dA, cout, G4, ptr<T>(g.gth[3 * l + 2]));
     }
     if (l > 0) {
       if (need_theta) {
-        k_relu<T>(dev, h_new[l - 1], X);
-        at::mm_out(g.gth[3 * l], dA.t(), X);
+        k_relu<T>(dev, hn + (l - 1) * cout * H, X, cout * H);
+        mm(true, false, G4, H, cout, 1.0, dA, G4, X, H, 0.0, ptr<T>(g.gth[3 * l]), H);
       }
-      at::mm_out(dX, dA, s.th[3 * l]);
+      mm(false, false, cout, H, G4, 1.0, dA, G4, ptr<T>(s.th[3 * l]), H, 0.0, dX, H);
       continue;
     }
     // cell 0: gradients of w (feature and base of the update) and of w_ih0
     if (need_w) {
       if (s.w_gemm) {
-        if (g.gWn.defined()) at::addmm_out(g.gW, g.gWn, dA, Ws.narrow(1, 0, Pw));
-        else at::mm_out(g.gW, dA, Ws.narrow(1, 0, Pw));
+        T* gW = ptr<T>(g.gW);
+        if (g.gWn.defined()) k_copy<T>(dev, ptr<T>(g.gWn), gW, cout * Pw);
+        mm(false, false, cout, Pw, G4, 1.0, dA, G4, ws, D0, g.gWn.defined() ? 1.0 : 0.0, gW, Pw);
       } else {
         RowDotArgs<T> rd;
         rd.rows = cout;
         rd.K = G4;
-        rd.A = ptr<T>(dA);
-        rd.v = ptr<T>(Ws);
+        rd.A = dA;
+        rd.v = ws;
         rd.vs = D0;
         rd.base = ptr<T>(g.gWn);
         rd.bs = Pw;
@@ -552,8 +599,8 @@ void backward_layer(const Layer& s, const Tensor& fs, double lr, const Tensor& h
         RowDotArgs<T> rd;
         rd.rows = cout;
         rd.K = G4;
-        rd.A = ptr<T>(dA);
-        rd.v = ptr<T>(Ws) + Pw;
+        rd.A = dA;
+        rd.v = ws + Pw;
         rd.vs = D0;
         rd.base = ptr<T>(g.gWbn);
         rd.bs = 1;
@@ -563,17 +610,17 @@ void backward_layer(const Layer& s, const Tensor& fs, double lr, const Tensor& h
       }
     }
     if (need_theta) {
-      const Tensor& dW0 = g.gth[0];
+      T* dW0 = ptr<T>(g.gth[0]);
       if (s.w_gemm) {
-        mm_into(dW0.narrow(1, 0, Pw), dA.t(), s.W);
-        mm_into(dW0.narrow(1, P, Pw), dA.t(), s.G);
+        mm(true, false, G4, Pw, cout, 1.0, dA, G4, ptr<T>(s.W), Pw, 0.0, dW0, D0);
+        mm(true, false, G4, Pw, cout, 1.0, dA, G4, ptr<T>(s.G), Pw, 0.0, dW0 + P, D0);
       }
-      if (s.pre_gemm) mm_into(dW0.narrow(1, 2 * P, s.cinp), dA.t(), s.pre);
+      if (s.pre_gemm) mm(true, false, G4, s.cinp, cout, 1.0, dA, G4, ptr<T>(s.pre), s.cinp, 0.0, dW0 + 2 * P, D0);
       ColReduceArgs<T> cr;
       cr.rows = cout;
       cr.K = G4;
-      cr.A = ptr<T>(dA);
-      cr.out = ptr<T>(red);
+      cr.A = dA;
+      cr.out = red;
       FinalizeArgs<T> fa;
       auto add = [&](const Tensor& u, int64_t us) {
         cr.u[cr.n] = ptr<T>(u);
@@ -600,13 +647,13 @@ void backward_layer(const Layer& s, const Tensor& fs, double lr, const Tensor& h
       fa.w_gemm = s.w_gemm;
       fa.pre_shared = s.pre_shared;
       fa.pre_gemm = s.pre_gemm;
-      fa.fs = ptr<T>(fs);
+      fa.fs = fs;
       fa.colsum = ptr<T>(g.gth[2]);
-      fa.red = ptr<T>(red);
+      fa.red = red;
       fa.pre = s.pre_shared ? ptr<T>(s.pre) : nullptr;
       fa.npre = s.npre;
       fa.pre_one = s.pre_one;
-      fa.dwih0 = ptr<T>(dW0);
+      fa.dwih0 = dW0;
       k_finalize(dev, fa);
     }
   }
@@ -736,7 +783,7 @@ NetOut net_forward(const char* op, Net& net, double lr, const std::optional<Tens
     }
     ar.reset(0);
     AT_DISPATCH_FLOATING_TYPES(net.dtype, "lrmt_meta_step_fwd", [&] {
-      forward_layer<scalar_t>(s, fs[i], lr, wn, wbn, d, hn, cn, gates, tsave, ar);
+      forward_layer<scalar_t>(s, ptr<scalar_t>(fs) + 4 * i, lr, wn, wbn, d, hn, cn, gates, tsave, ar);
     });
     w_new.push_back(wn);
     if (s.has_b) wb_new.push_back(wbn);
@@ -767,7 +814,7 @@ void net_forward_(const char* op, Net& net, double lr, const std::optional<Tenso
     ar.reset(base);
     Tensor d = delta_out.empty() ? Tensor() : delta_out[i];
     AT_DISPATCH_FLOATING_TYPES(net.dtype, "lrmt_meta_step_fwd_", [&] {
-      forward_layer<scalar_t>(s, fs[i], lr, s.W, s.Wb, d, s.h, s.c, Tensor(), Tensor(), ar);
+      forward_layer<scalar_t>(s, ptr<scalar_t>(fs) + 4 * i, lr, s.W, s.Wb, d, s.h, s.c, Tensor(), Tensor(), ar);
     });
   }
 }
@@ -911,7 +958,8 @@ meta_step_net_backward(const OptList& grad_w_new, const OptList& grad_wb_new, co
     off += s.saved_numel();
     ar.reset(0);
     AT_DISPATCH_FLOATING_TYPES(net.dtype, "lrmt_meta_step_bwd", [&] {
-      backward_layer<scalar_t>(s, fscale[i], lr, h_new[i], c_new[i], gates, t, lg, need_w, need_hc, need_theta, ar);
+      backward_layer<scalar_t>(s, ptr<scalar_t>(fscale) + 4 * i, lr, h_new[i], c_new[i], gates, t, lg, need_w,
+                               need_hc, need_theta, ar);
     });
     if (need_w) {
       gW.push_back(lg.gW.view(w[i].sizes()));
@@ -996,6 +1044,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["openmp"] = false;
 #endif
     d["cpu_avx2_kernels"] = lrmt::cpu::uses_avx2();
+    d["cpu_blas_direct"] = lrmt::cpu_blas_direct();
     d["torch_version_built"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." + std::to_string(TORCH_VERSION_PATCH);
     return d;
   });
@@ -1027,6 +1076,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["limit_bytes"] = s.limit_bytes;
     return d;
   });
+  m.def("_set_cpu_blas_direct", &lrmt::set_cpu_blas_direct,
+        "CPU GEMMs straight to the BLAS (True) or through at::addmm_out (False); returns the setting");
   m.def("_pool_clear", &lrmt::pool_clear, "give the CPU pool's cached blocks back to the system");
   m.def("_pool_set_limit", &lrmt::pool_set_limit, "cap (bytes) on the CPU pool's cache; 0 turns the pool off");
 }

@@ -105,14 +105,9 @@ struct MetaStepNetFn : public torch::autograd::Function<MetaStepNetFn> {
     keep.push_back(snap);
     if (snapshot) {
       // theta's values are read from `snap` (an optimiser may update theta in place
-      // meanwhile); keep its shapes only
-      std::vector<int64_t> sizes, ndims;
-      for (const auto& t : theta) {
-        ndims.push_back(t.dim());
-        for (auto s : t.sizes()) sizes.push_back(s);
-      }
-      ctx->saved_data["theta_sizes"] = sizes;
-      ctx->saved_data["theta_ndims"] = ndims;
+      // meanwhile): keep the tensors for their shapes only, not as saved variables (whose
+      // version check would refuse the update)
+      ctx->saved_data["theta_ref"] = c10::List<Tensor>(theta);
     } else {
       for (const auto& t : theta) keep.push_back(t);
     }
@@ -148,20 +143,7 @@ struct MetaStepNetFn : public torch::autograd::Function<MetaStepNetFn> {
     Tensor snap = sv[at++];
     std::vector<Tensor> theta;
     if (snapshot) {
-      // theta's shapes, as views of the snapshot (the backward op reads the values from `snap`)
-      const std::vector<int64_t> sizes = ctx->saved_data["theta_sizes"].toIntVector();
-      const std::vector<int64_t> ndims = ctx->saved_data["theta_ndims"].toIntVector();
-      int64_t off = 0;
-      size_t si = 0;
-      for (size_t i = 0; i < nt; ++i) {
-        std::vector<int64_t> shape(sizes.begin() + si, sizes.begin() + si + ndims[i]);
-        si += ndims[i];
-        int64_t n = 1;
-        for (auto s : shape) n *= s;
-        theta.push_back(snap.narrow(0, off, n).view(shape));
-        off += n;
-      }
-      TORCH_CHECK(off == snap.numel(), "lrmt_fast.meta_step_net: theta_snap does not match theta's shapes");
+      theta = ctx->saved_data["theta_ref"].toTensorVector();  // shapes; values from `snap`
     } else {
       theta = take(sv, at, nt);
     }

@@ -60,6 +60,13 @@ def workspace_clear() -> None:
         _C._pool_clear()
 
 
+def set_cpu_blas_direct(on: bool) -> bool:
+    """CPU GEMMs of the ops straight to libtorch's BLAS (True, the default where it is found;
+    env LRMT_CPU_BLAS=aten turns it off) or through ``at::addmm_out`` (False, the path CUDA
+    uses). Returns the setting now in force."""
+    return bool(_C._set_cpu_blas_direct(bool(on))) if AVAILABLE else False
+
+
 def cpu_pool_stats() -> dict:
     """The CPU caching allocator of the ops' outputs (csrc/cpu_pool.h): blocks taken from the
     system, allocations served from the cache, live and cached bytes, the cache's cap."""

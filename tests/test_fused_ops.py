@@ -314,6 +314,35 @@ def test_network_op_snapshot_keeps_gradients_of_the_forward_theta():
         _net_grads({"w", "theta"}, snapshot=False, bump_theta=True)
 
 
+def test_gemm_paths_agree():
+    """The CPU GEMMs on raw pointers (csrc/gemm.h) give the same forward and gradients
+    straight through the BLAS and through at::addmm_out over tensor views (the path the
+    GPU takes), float64."""
+    direct = _ext.build_facts()["cpu_blas_direct"]
+    try:
+        assert _ext.set_cpu_blas_direct(False) is False
+        via_aten = _net_grads({"w", "h", "theta"}, snapshot=True)
+        fwd_aten = _net_fwd()
+        if direct:
+            assert _ext.set_cpu_blas_direct(True) is True
+        blas = _net_grads({"w", "h", "theta"}, snapshot=True)
+        fwd_blas = _net_fwd()
+    finally:
+        _ext.set_cpu_blas_direct(True)
+    for a, b in zip(fwd_blas, fwd_aten):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for k in ("w", "h", "theta"):
+        for a, b in zip(blas[k], via_aten[k]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def _net_fwd():
+    torch.manual_seed(5)
+    w, wb, g, gb, pre, post, h, c, theta, flags = _net_inputs_small(seed=5)
+    out = torch.ops.lrmt_fast.meta_step_net(w, wb, g, gb, pre, post, h, c, theta, flags, 0.2, None, False, False)
+    return [t for lst in out[:5] for t in lst]
+
+
 def test_network_op_backward_needs_save():
     w, wb, g, gb, pre, post, h, c, theta, flags = _net_inputs_small()
     th = [t.clone().requires_grad_(True) for t in theta]
