@@ -47,15 +47,13 @@ class CpuPool final : public c10::Allocator {
         stats_.reuses += 1;
       }
     }
-    if (p == nullptr) {
-      p = c10::alloc_cpu(n);
-      std::lock_guard<std::mutex> lk(mu_);
-      stats_.os_allocations += 1;
-    }
+    const bool fresh = p == nullptr;
+    if (fresh) p = c10::alloc_cpu(n);  // outside the lock
     const bool profiled = c10::memoryProfilingEnabled();
     size_t live;
     {
       std::lock_guard<std::mutex> lk(mu_);
+      if (fresh) stats_.os_allocations += 1;
       size_[p] = Block{n, profiled};
       stats_.live_bytes += static_cast<int64_t>(n);
       live = static_cast<size_t>(stats_.live_bytes);

@@ -6,7 +6,7 @@
 // tensor in between: a ResNet-32 step runs ~1,700 small GEMMs, and at::mm_out's dispatch,
 // checks and view bookkeeping (narrow / t / as_strided per call) cost ~7 us each, a fifth of
 // the step (docs/performance.md). Elsewhere (CUDA, or a torch without that BLAS symbol)
-// it wraps the pointers with at::from_blob and calls at::addmm_out (cuBLAS on the GPU).
+// it wraps the pointers with device_view and calls at::addmm_out (cuBLAS on the GPU).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,6 +20,13 @@ namespace lrmt {
 bool cpu_blas_direct();
 bool cpu_blas_available();
 bool set_cpu_blas_direct(bool on);  // returns the new setting (false if no BLAS was found)
+
+// A tensor over existing memory of opts' device and dtype, with the given sizes and strides;
+// the device is named, so there is no pointer query (CUDA-graph safe).
+template <typename T>
+at::Tensor device_view(const at::TensorOptions& opts, const T* p, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  return at::for_blob(const_cast<T*>(p), sizes).strides(strides).target_device(opts.device()).options(opts).make_tensor();
+}
 
 void gemm_cpu_blas(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                    const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
@@ -37,19 +44,11 @@ void gemm(const at::TensorOptions& opts, bool ta, bool tb, int64_t M, int64_t N,
     gemm_cpu_blas(ta, tb, M, N, K, static_cast<T>(alpha), A, lda, B, ldb, static_cast<T>(beta), C, ldc);
     return;
   }
-  // tensors over the given memory (the device is named: no pointer query, CUDA-graph safe)
-  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t s0, int64_t s1) {
-    return at::for_blob(const_cast<T*>(p), {rows, cols})
-        .strides({s0, s1})
-        .target_device(opts.device())
-        .options(opts)
-        .make_tensor();
-  };
   // op(X) (rows x cols) of a stored matrix: X itself, or the transpose of the stored cols x rows
   auto op = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-    return trans ? view(p, rows, cols, 1, ld) : view(p, rows, cols, ld, 1);
+    return trans ? device_view<T>(opts, p, {rows, cols}, {1, ld}) : device_view<T>(opts, p, {rows, cols}, {ld, 1});
   };
-  at::Tensor c = view(C, M, N, ldc, 1);
+  at::Tensor c = device_view<T>(opts, C, {M, N}, {ldc, 1});
   at::addmm_out(c, c, op(A, M, K, lda, ta), op(B, K, N, ldb, tb), beta, alpha);
 }
 

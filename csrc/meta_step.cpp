@@ -316,29 +316,23 @@ void k_relu(const c10::Device& d, const T* x, T* y, int64_t n) {
   cpu::relu<T>(x, y, n);
 }
 
-// a 1-D tensor over device memory (no pointer query: the device is given)
 template <typename T>
-Tensor wrap1(const c10::Device& d, const T* p, int64_t n) {
-  return at::for_blob(const_cast<T*>(p), {n})
-      .target_device(d)
-      .options(at::TensorOptions().device(d).dtype(c10::CppTypeToScalarType<T>::value))
-      .make_tensor();
+at::TensorOptions opts_of(const c10::Device& d) {
+  return at::TensorOptions().device(d).dtype(c10::CppTypeToScalarType<T>::value);
 }
 
 // out[j] = sum_i A[i, j] (A rows x cols, row-major), with ATen's summation (pairwise: a GEMM
 // with a ones vector accumulates 500 float32 rows in order, 5x less accurately)
 template <typename T>
 void colsum(const c10::Device& d, const T* A, int64_t rows, int64_t cols, T* out) {
-  const auto opts = at::TensorOptions().device(d).dtype(c10::CppTypeToScalarType<T>::value);
-  Tensor a = at::for_blob(const_cast<T*>(A), {rows, cols}).target_device(d).options(opts).make_tensor();
-  Tensor o = wrap1<T>(d, out, cols);
-  at::sum_out(o, a, {0});
+  Tensor o = device_view<T>(opts_of<T>(d), out, {cols}, {1});
+  at::sum_out(o, device_view<T>(opts_of<T>(d), A, {rows, cols}, {cols, 1}), {0});
 }
 
 template <typename T>
 void k_copy(const c10::Device& d, const T* src, T* dst, int64_t n) {
   if (d.is_cpu()) std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
-  else wrap1<T>(d, dst, n).copy_(wrap1<T>(d, src, n));
+  else device_view<T>(opts_of<T>(d), dst, {n}, {1}).copy_(device_view<T>(opts_of<T>(d), src, {n}, {1}));
 }
 
 template <typename T>
