@@ -61,6 +61,43 @@ def machine_limits(device: str = "cpu") -> Dict[str, float]:
     return {"gemm_peak_flops": gemm_peak(device), "mem_bw_bytes_per_s": copy_bandwidth(device)}
 
 
+class GemmProbe:
+    """The GEMM of :func:`gemm_peak` as a timed "case" (``fn``/``sync``), to be timed in the same
+    alternating blocks as the cases (:func:`time_cases_interleaved`): its median FLOP/s is the
+    GEMM peak under the same conditions as the cases' medians, whereas :func:`gemm_peak` is the
+    best of a few calls at the start of the run. On a shared host the two differ (other
+    virtual machines take cache and memory bandwidth from minute to minute), and the fraction
+    of the limit is then part kernel, part host; the same-blocks figure compares like with like."""
+
+    def __init__(self, device: str = "cpu", n: Optional[int] = None):
+        self.device = device
+        self.n = n or (8192 if device.startswith("cuda") else 2048)
+        self.a = torch.randn(self.n, self.n, device=device)
+        self.b = torch.randn(self.n, self.n, device=device)
+        self.c = torch.empty(self.n, self.n, device=device)
+
+    def fn(self):
+        torch.mm(self.a, self.b, out=self.c)
+
+    def sync(self):
+        _sync(self.device)
+
+    def flops_per_s(self, times: List[float]) -> float:
+        times = sorted(times)
+        return 2.0 * self.n ** 3 / times[len(times) // 2]
+
+
+def same_blocks_fraction(rec: Dict, peak: float) -> Dict:
+    """Add the GEMM peak measured in the record's own timing blocks and the fraction of the
+    limit against it (``gemm_peak_flops_interleaved``, ``fraction_of_limit_interleaved``)."""
+    t_step = rec["ms_per_step_median"] / 1e3 if rec.get("ms_per_step_median") else None
+    rec["gemm_peak_flops_interleaved"] = peak
+    rec["fraction_of_limit_interleaved"] = (
+        max(rec["flops_per_step"] / peak, rec["bytes_per_step"] / rec["mem_bw_bytes_per_s"]) / t_step
+        if t_step else None)
+    return rec
+
+
 # --------------------------------------------------------------------------------------
 # timing and memory of a case
 # --------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ reads a pytest-benchmark JSON file (``pytest benchmarks/ --benchmark-only
 Each record: case, device, impl, steps_per_s, synapse_updates_per_s, peak_mem_bytes,
 ratio_vs_reference, fraction_of_limit (the shape-derived lower bound on the step time,
 max(FLOPs / measured GEMM peak, bytes / measured copy bandwidth), over the measured step
-time), commit, date; plus the measurement details (median/min ms per step, rounds,
+time), commit, date; fraction_of_limit_interleaved, the same against the GEMM peak timed in
+the case's own alternating blocks (gemm_peak_flops_interleaved, measure.GemmProbe); plus the
+measurement details (median/min ms per step, rounds,
 FLOPs and bytes per step, the measured limits, threads, load average).
 """
 from __future__ import annotations
@@ -65,8 +67,8 @@ def measure(device: str, cases: List[str], impls: List[str], min_time: float, co
 
     from .cases import make_case
     from .compiled import run_compiled
-    from .measure import (add_ratios, cpu_model, load_average, machine_limits, peak_memory, record,
-                          time_cases_interleaved)
+    from .measure import (GemmProbe, add_ratios, cpu_model, load_average, machine_limits, peak_memory, record,
+                          same_blocks_fraction, time_cases_interleaved)
 
     if "fused" in impls and not ops.available(device):
         raise RuntimeError(f"the fused extension cannot run on {device}: {ops.build_info()}")
@@ -80,10 +82,16 @@ def measure(device: str, cases: List[str], impls: List[str], min_time: float, co
     for name in cases:
         # the in-process implementations are timed together, in alternating blocks, so that their
         # ratio does not depend on when each ran (measure.time_cases_interleaved)
+        # with the GEMM of the peak as one more member of the blocks (measure.GemmProbe)
         local = [i for i in impls if i != "reference_compiled"]
         built = [make_case(name, impl, device) for impl in local]
-        timed = dict(zip(local, time_cases_interleaved(built, min_time=min_time)))
+        probe = GemmProbe(device)
+        times = time_cases_interleaved(built + [probe], min_time=min_time)
+        peak_same = probe.flops_per_s(times[-1])
+        del probe
+        timed = dict(zip(local, times))
         built = dict(zip(local, built))
+        log(f"  {name:20s} fp32 GEMM peak in the same blocks {peak_same / 1e9:.1f} GFLOP/s")
         for impl in impls:
             gc.collect()
             if impl == "reference_compiled":
@@ -113,12 +121,15 @@ def measure(device: str, cases: List[str], impls: List[str], min_time: float, co
                 case = built.pop(impl)
                 mem = peak_memory(case)
                 rec = record(case, timed[impl], mem, limits, timing="interleaved blocks", **common)
+                same_blocks_fraction(rec, peak_same)
                 del case
             rec["load_avg_end"] = load_average()
             recs.append(rec)
             sps = rec["steps_per_s"]
             log(f"  {name:20s} {impl:19s} " + (f"{sps:9.2f} steps/s  {rec['ms_per_step_median']:8.2f} ms/step  "
-                                                f"{rec['fraction_of_limit'] * 100:5.1f}% of limit"
+                                                f"{rec['fraction_of_limit'] * 100:5.1f}% of limit" +
+                                                (f" ({rec['fraction_of_limit_interleaved'] * 100:5.1f}% same blocks)"
+                                                 if rec.get("fraction_of_limit_interleaved") else "")
                                                 if sps else f"no number: {rec.get('note')}"))
     return add_ratios(recs)
 
@@ -159,7 +170,9 @@ def table(records: List[Dict]) -> str:
     rows = {}
     for r in records:
         rows.setdefault((r["case"], r["device"]), {})[r["impl"]] = r
+    pct = lambda x: None if x is None else 100 * x  # noqa: E731
     head = (f"{'case':20s} {'device':14s} {'reference':>11s} {'fused':>11s} {'ratio':>7s} {'frac.limit':>10s} "
+            f"{'frac.same':>10s} "
             f"{'nn_lstm':>9s} {'compiled':>9s} {'ref mem MB':>10s} {'fused mem MB':>12s}")
     lines = [head, "-" * len(head)]
     for (case, dev), d in rows.items():
@@ -169,11 +182,13 @@ def table(records: List[Dict]) -> str:
         lines.append(
             f"{case:20s} {dev:14s} {_fmt(ref.get('steps_per_s'), '9.2f'):>11s} {_fmt(fus.get('steps_per_s'), '9.2f'):>11s} "
             f"{_fmt(fus.get('ratio_vs_reference'), '6.2f'):>7s} "
-            f"{_fmt(None if fus.get('fraction_of_limit') is None else 100 * fus['fraction_of_limit'], '8.1f'):>9s}% "
+            f"{_fmt(pct(fus.get('fraction_of_limit')), '8.1f'):>9s}% "
+            f"{_fmt(pct(fus.get('fraction_of_limit_interleaved')), '8.1f'):>9s}% "
             f"{_fmt(nn_.get('steps_per_s'), '8.2f'):>9s} {_fmt(comp.get('steps_per_s'), '8.2f'):>9s} "
             f"{_fmt(mb(ref) if ref else None, '9.2f'):>10s} {_fmt(mb(fus) if fus else None, '11.2f'):>12s}")
     lines.append("steps/s (higher is better); ratio = fused / reference; frac.limit = fused step time bound "
-                 "(FLOPs / GEMM peak, bytes / copy bandwidth) over measured")
+                 "(FLOPs / GEMM peak, bytes / copy bandwidth) over measured (peak: best of 5 GEMMs at the start); "
+                 "frac.same = the same with the peak's GEMM timed (median) in the case's own alternating blocks")
     notes = [f"  {r['case']} {r['impl']}: {r['note']}" for r in records if r.get("note")]
     if notes:
         lines.append("notes:")

@@ -1,0 +1,53 @@
+"""The benchmark harness (benchmarks/report.py, measure.py) on one small case: the records
+carry the issue's keys and both fractions of the limit, and the table prints them.
+No timing is asserted (speed claims live in benchmarks/results, not in tests)."""
+import math
+
+import pytest
+import torch
+
+from benchmarks.measure import GemmProbe, same_blocks_fraction, time_cases_interleaved
+from benchmarks.report import measure, table
+from lrmt_fast import ops
+
+KEYS = ("case", "device", "impl", "steps_per_s", "synapse_updates_per_s", "peak_mem_bytes", "ratio_vs_reference",
+        "fraction_of_limit", "commit", "date", "gemm_peak_flops", "gemm_peak_flops_interleaved",
+        "fraction_of_limit_interleaved")
+
+
+def test_gemm_probe_flops_from_median():
+    probe = GemmProbe("cpu", n=64)
+    times = time_cases_interleaved([probe], min_time=0.01, min_rounds=5)
+    assert len(times) == 1 and len(times[0]) >= 5
+    med = sorted(times[0])[len(times[0]) // 2]
+    assert probe.flops_per_s(times[0]) == pytest.approx(2 * 64 ** 3 / med)
+    assert torch.allclose(probe.c, probe.a @ probe.b)
+
+
+def test_same_blocks_fraction_formula():
+    rec = {"ms_per_step_median": 2.0, "flops_per_step": 1e9, "bytes_per_step": 1e6, "mem_bw_bytes_per_s": 1e10}
+    same_blocks_fraction(rec, 1e12)  # bound max(1 ms, 0.1 ms) over 2 ms
+    assert rec["gemm_peak_flops_interleaved"] == 1e12
+    assert rec["fraction_of_limit_interleaved"] == pytest.approx(0.5)
+
+
+@pytest.mark.skipif(not ops.available("cpu"), reason="fused extension not built")
+def test_measure_records_and_table():
+    torch.set_num_threads(1)
+    logs = []
+    recs = measure("cpu", ["lenet_update"], ["reference", "fused"], min_time=0.05, compile_timeout=1,
+                   log=logs.append)
+    assert [r["impl"] for r in recs] == ["reference", "fused"]
+    for r in recs:
+        for k in KEYS:
+            assert k in r, k
+        assert r["case"] == "lenet_update" and r["steps_per_s"] > 0
+        assert 0 < r["fraction_of_limit"] and 0 < r["fraction_of_limit_interleaved"]
+        assert math.isclose(r["fraction_of_limit_interleaved"] / r["fraction_of_limit"],
+                            r["gemm_peak_flops"] / r["gemm_peak_flops_interleaved"], rel_tol=1e-9) \
+            or r["limit"] == "memory"
+    assert recs[0]["ratio_vs_reference"] == pytest.approx(1.0)
+    assert recs[1]["ratio_vs_reference"] == pytest.approx(recs[1]["steps_per_s"] / recs[0]["steps_per_s"])
+    assert any("same blocks" in line for line in logs)
+    txt = table(recs)
+    assert "frac.same" in txt and "lenet_update" in txt
