@@ -329,9 +329,15 @@ void colsum(const c10::Device& d, const T* A, int64_t rows, int64_t cols, T* out
   at::sum_out(o, device_view<T>(opts_of<T>(d), A, {rows, cols}, {cols, 1}), {0});
 }
 
+// The CPU-only shortcuts of the host code (feature scale as GEMM alpha, output layer in row
+// panels, memcpy): on when the CPU GEMMs go straight to the BLAS. With LRMT_CPU_BLAS=aten (or
+// _ext.set_cpu_blas_direct(False)) the CPU runs the host code of the CUDA path instead, GEMMs
+// through at::addmm_out over device views included, so that the CPU tests check it.
+bool cpu_shortcuts(const c10::Device& d) { return d.is_cpu() && cpu_blas_direct(); }
+
 template <typename T>
 void k_copy(const c10::Device& d, const T* src, T* dst, int64_t n) {
-  if (d.is_cpu()) std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
+  if (cpu_shortcuts(d)) std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
   else device_view<T>(opts_of<T>(d), dst, {n}, {1}).copy_(device_view<T>(opts_of<T>(d), src, {n}, {1}));
 }
 
@@ -422,7 +428,7 @@ void forward_layer(const Layer& s, const T* fs, double lr, const Tensor& W_out, 
   // On CPU the feature scale of the w and g groups is the alpha of their GEMMs (read on the
   // host), so prep does not rescale those two blocks of w_ih0 every step (4H x 2Pw values;
   // 3% of a LeNet update). On CUDA the scale stays on the device (no sync, graph capture).
-  const bool fold = dev.is_cpu() && s.w_gemm;
+  const bool fold = cpu_shortcuts(dev) && s.w_gemm;
   {
     PrepArgs<T> pa = prep_args<T>(s, fs, ws, bvec);
     if (fold) pa.skip = Pw;
@@ -495,7 +501,7 @@ void forward_layer(const Layer& s, const T* fs, double lr, const Tensor& W_out, 
   oa.t_save = ptr<T>(t_save);
   // Output layer and update. On the CPU in panels of rows whose Z (panel x P) stays in the
   // L2 cache between the GEMM that writes it and the update that reads it; on CUDA one GEMM.
-  const int64_t panel = dev.is_cpu() ? out_panel_rows(P, sizeof(T)) : cout;
+  const int64_t panel = cpu_shortcuts(dev) ? out_panel_rows(P, sizeof(T)) : cout;
   if (panel >= cout) {
     mm(false, true, cout, P, H, 1.0, X, H, ptr<T>(s.th[3 * L]), H, 0.0, Z, P);
     k_out_fwd(dev, oa);
@@ -755,7 +761,7 @@ Tensor snapshot_theta(TensorList theta, const Tensor& like) {
   for (auto& t : theta) n += t.numel();
   Tensor snap = op_empty({n}, like.options());
   int64_t off = 0;
-  const bool host = like.is_cpu();
+  const bool host = cpu_shortcuts(like.device());
   for (auto& t : theta) {
     if (host && t.is_cpu() && t.is_contiguous() && t.scalar_type() == snap.scalar_type())
       std::memcpy(static_cast<char*>(snap.data_ptr()) + off * snap.element_size(), t.data_ptr(),

@@ -61,9 +61,10 @@ def workspace_clear() -> None:
 
 
 def set_cpu_blas_direct(on: bool) -> bool:
-    """CPU GEMMs of the ops straight to libtorch's BLAS (True, the default where it is found;
-    env LRMT_CPU_BLAS=aten turns it off) or through ``at::addmm_out`` (False, the path CUDA
-    uses). Returns the setting now in force."""
+    """CPU GEMMs of the ops straight to libtorch's BLAS, with the CPU-only shortcuts of the
+    host code (True, the default where the BLAS is found; env LRMT_CPU_BLAS=aten turns it off),
+    or the host code of the CUDA path on the CPU: GEMMs through ``at::addmm_out``, feature scale
+    folded into the first-cell weights, one output GEMM (False). Returns the setting now in force."""
     return bool(_C._set_cpu_blas_direct(bool(on))) if AVAILABLE else False
 
 

@@ -336,6 +336,28 @@ def test_gemm_paths_agree():
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_cpu_shortcuts_and_cuda_host_path_agree():
+    """The whole LeNet student step (fc1: 500 rows, the output layer in row panels on the
+    CPU), float64, forward and backward: the CPU's shortcuts (feature scale as the GEMM alpha,
+    row panels, BLAS on pointers) against the host code the CUDA path runs (scaled first-cell
+    weights, one output GEMM, at::addmm_out), which set_cpu_blas_direct(False) selects."""
+    if not _ext.build_facts()["cpu_blas_direct"]:
+        pytest.skip("libtorch's BLAS was not found: the CPU runs the CUDA host path only")
+    net = _net("lenet")
+    ml, params, grads, acts, state = _student(net, 32, 32, F32)
+    fs = ops.network_feature_scale(ml, params, grads, acts, state).double()
+    ml64, args64 = ml.to(F64), [_as(x, F64) for x in (params, grads, acts, state)]
+    short = _net_run(ml64, *args64, "fused_fs", fs=fs)
+    try:
+        assert _ext.set_cpu_blas_direct(False) is False
+        generic = _net_run(ml64, *args64, "fused_fs", fs=fs)
+    finally:
+        _ext.set_cpu_blas_direct(True)
+    assert set(short) == set(generic)
+    for k in short:
+        torch.testing.assert_close(short[k], generic[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
 def _net_fwd():
     torch.manual_seed(5)
     w, wb, g, gb, pre, post, h, c, theta, flags = _net_inputs_small(seed=5)
