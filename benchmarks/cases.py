@@ -19,7 +19,10 @@ forward/backward is not part of the op and is not timed). Implementations (``IMP
 - ``nn_lstm``: anchor: the same step with the three LSTM cells run by ``torch.nn.LSTM``
   (one single-layer module per cell, ReLU between, as DESIGN.md section 2 checks);
 - ``reference_compiled``: anchor: the reference step under ``torch.compile``
-  (see :mod:`benchmarks.compiled`).
+  (see :mod:`benchmarks.compiled`);
+- ``fused_graph`` (update cases on a GPU only, :func:`applies`): the fused update captured
+  once as a CUDA graph and replayed (:class:`lrmt_fast.graphed_update.GraphedMetaUpdate`),
+  each call copying the step's gradients and activations into the graph's buffers.
 
 FLOPs and bytes per step are computed from the shapes (:func:`op_cost`), for the roofline.
 """
@@ -41,7 +44,15 @@ LR = 0.05
 
 CASES = ("lenet_update", "resnet32_update", "lenet_train_s5", "lenet_train_s11", "resnet32_train_s5",
          "resnet32_train_s11")
-IMPLS = ("reference", "fused", "nn_lstm", "reference_compiled")
+IMPLS = ("reference", "fused", "nn_lstm", "reference_compiled", "fused_graph")
+
+
+def applies(name: str, impl: str, device: str) -> bool:
+    """Whether ``impl`` is measured for case ``name`` on ``device``: the CUDA-graph replay
+    exists for the no-grad update on a GPU only; everything else everywhere."""
+    if impl == "fused_graph":
+        return parse_case(name)[1] == "update" and str(device).startswith("cuda")
+    return True
 
 
 def parse_case(case: str) -> Tuple[str, str, int]:
@@ -213,9 +224,12 @@ def _loss_weights(params, state, keys, gen_seed=123):
 def make_case(name: str, impl: str, device: str = "cpu", seed: int = 0) -> Case:
     """Build the inputs of ``name`` for ``impl`` (same seed -> same inputs for every impl)."""
     model, kind, s = parse_case(name)
-    if impl not in ("reference", "fused", "nn_lstm"):
-        raise ValueError(f"make_case: impl must be reference, fused or nn_lstm (compiled: benchmarks.compiled), "
-                         f"got {impl!r}")
+    if impl not in ("reference", "fused", "nn_lstm", "fused_graph"):
+        raise ValueError(f"make_case: impl must be reference, fused, nn_lstm or fused_graph (compiled: "
+                         f"benchmarks.compiled), got {impl!r}")
+    if not applies(name, impl, device):
+        raise ValueError(f"make_case: {impl} is measured only for the update cases on a CUDA device, "
+                         f"not {name} on {device}")
     ml, params, grads, acts, state = build_student(model, device, seed=seed)
     cost = op_cost(ml, kind)
     adapted = sorted({p for lay in ml.layers for p in (lay.weight, lay.bias) if p is not None})
@@ -231,6 +245,12 @@ def make_case(name: str, impl: str, device: str = "cpu", seed: int = 0) -> Case:
                 for k, (h, c) in new_s.items():
                     state[k][0].copy_(h)
                     state[k][1].copy_(c)
+        elif impl == "fused_graph":
+            from lrmt_fast.graphed_update import GraphedMetaUpdate
+            upd = GraphedMetaUpdate(ml, params, grads, acts, state, LR)
+
+            def fn():
+                upd(grads, acts)
         else:
             def fn():
                 ml.step_(params, grads, acts, state, LR, impl=impl)

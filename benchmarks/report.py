@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 
 HELP = "benchmark the fused meta-update op against the reference (writes benchmarks/results/)"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-DEFAULT_IMPLS = ("reference", "fused", "nn_lstm", "reference_compiled")
+DEFAULT_IMPLS = ("reference", "fused", "nn_lstm", "reference_compiled", "fused_graph")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, or all (cpu and, when present, cuda); default cpu")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     p.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
-                   help="comma-separated subset of reference, fused, nn_lstm, reference_compiled")
+                   help="comma-separated subset of reference, fused, nn_lstm, reference_compiled, fused_graph "
+                        "(fused_graph: GPU update cases only)")
     p.add_argument("--min-time", type=float, default=3.0, help="seconds of timed rounds per case and impl")
     p.add_argument("--compile-timeout", type=float, default=300.0,
                    help="seconds allowed for torch.compile + timing of the compiled reference, per case")
@@ -65,12 +66,12 @@ def measure(device: str, cases: List[str], impls: List[str], min_time: float, co
 
     from lrmt_fast import ops
 
-    from .cases import make_case
+    from .cases import applies, make_case
     from .compiled import run_compiled
     from .measure import (GemmProbe, add_ratios, cpu_model, load_average, machine_limits, peak_memory, record,
                           same_blocks_fraction, time_cases_interleaved)
 
-    if "fused" in impls and not ops.available(device):
+    if ({"fused", "fused_graph"} & set(impls)) and not ops.available(device):
         raise RuntimeError(f"the fused extension cannot run on {device}: {ops.build_info()}")
     limits = machine_limits(device)
     log(f"[{device}] fp32 GEMM peak {limits['gemm_peak_flops'] / 1e9:.1f} GFLOP/s, copy bandwidth "
@@ -83,7 +84,7 @@ def measure(device: str, cases: List[str], impls: List[str], min_time: float, co
         # the in-process implementations are timed together, in alternating blocks, so that their
         # ratio does not depend on when each ran (measure.time_cases_interleaved)
         # with the GEMM of the peak as one more member of the blocks (measure.GemmProbe)
-        local = [i for i in impls if i != "reference_compiled"]
+        local = [i for i in impls if i != "reference_compiled" and applies(name, i, device)]
         built = [make_case(name, impl, device) for impl in local]
         probe = GemmProbe(device)
         times = time_cases_interleaved(built + [probe], min_time=min_time)
@@ -93,6 +94,8 @@ def measure(device: str, cases: List[str], impls: List[str], min_time: float, co
         built = dict(zip(local, built))
         log(f"  {name:20s} fp32 GEMM peak in the same blocks {peak_same / 1e9:.1f} GFLOP/s")
         for impl in impls:
+            if not applies(name, impl, device):
+                continue
             gc.collect()
             if impl == "reference_compiled":
                 model = name.split("_")[0]
@@ -173,11 +176,11 @@ def table(records: List[Dict]) -> str:
     pct = lambda x: None if x is None else 100 * x  # noqa: E731
     head = (f"{'case':20s} {'device':14s} {'reference':>11s} {'fused':>11s} {'ratio':>7s} {'frac.limit':>10s} "
             f"{'frac.same':>10s} "
-            f"{'nn_lstm':>9s} {'compiled':>9s} {'ref mem MB':>10s} {'fused mem MB':>12s}")
+            f"{'nn_lstm':>9s} {'compiled':>9s} {'graph':>9s} {'g.ratio':>7s} {'ref mem MB':>10s} {'fused mem MB':>12s}")
     lines = [head, "-" * len(head)]
     for (case, dev), d in rows.items():
         ref, fus = d.get("reference", {}), d.get("fused", {})
-        nn_, comp = d.get("nn_lstm", {}), d.get("reference_compiled", {})
+        nn_, comp, gr = d.get("nn_lstm", {}), d.get("reference_compiled", {}), d.get("fused_graph", {})
         mb = lambda r: None if r.get("peak_mem_bytes") is None else r["peak_mem_bytes"] / 2 ** 20  # noqa: E731
         lines.append(
             f"{case:20s} {dev:14s} {_fmt(ref.get('steps_per_s'), '9.2f'):>11s} {_fmt(fus.get('steps_per_s'), '9.2f'):>11s} "
@@ -185,10 +188,12 @@ def table(records: List[Dict]) -> str:
             f"{_fmt(pct(fus.get('fraction_of_limit')), '8.1f'):>9s}% "
             f"{_fmt(pct(fus.get('fraction_of_limit_interleaved')), '8.1f'):>9s}% "
             f"{_fmt(nn_.get('steps_per_s'), '8.2f'):>9s} {_fmt(comp.get('steps_per_s'), '8.2f'):>9s} "
+            f"{_fmt(gr.get('steps_per_s'), '8.2f'):>9s} {_fmt(gr.get('ratio_vs_reference'), '6.2f'):>7s} "
             f"{_fmt(mb(ref) if ref else None, '9.2f'):>10s} {_fmt(mb(fus) if fus else None, '11.2f'):>12s}")
     lines.append("steps/s (higher is better); ratio = fused / reference; frac.limit = fused step time bound "
                  "(FLOPs / GEMM peak, bytes / copy bandwidth) over measured (peak: best of 5 GEMMs at the start); "
-                 "frac.same = the same with the peak's GEMM timed (median) in the case's own alternating blocks")
+                 "frac.same = the same with the peak's GEMM timed (median) in the case's own alternating blocks; "
+                 "graph = the fused update replayed as a CUDA graph (GPU update cases), g.ratio = graph / reference")
     notes = [f"  {r['case']} {r['impl']}: {r['note']}" for r in records if r.get("note")]
     if notes:
         lines.append("notes:")
@@ -211,7 +216,7 @@ def roofline_figure(records: List[Dict], path: str) -> Optional[str]:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ai = np.logspace(-1, 3, 200)
     ax.loglog(ai, np.minimum(peak, ai * bw), "k-", lw=1.5, label=f"roof: {peak:.0f} GFLOP/s, {bw:.1f} GB/s (measured)")
-    markers = {"reference": "o", "fused": "*", "nn_lstm": "s", "reference_compiled": "^"}
+    markers = {"reference": "o", "fused": "*", "nn_lstm": "s", "reference_compiled": "^", "fused_graph": "D"}
     cases = sorted({r["case"] for r in recs})
     colors = {c: plt.cm.tab10(i % 10) for i, c in enumerate(cases)}
     for r in recs:

@@ -1,37 +1,65 @@
 #!/usr/bin/env bash
 # Build lrmt_fast with CUDA, run the CUDA tests and the benchmarks on the GPU, and write
-# benchmarks/results/<cuda device>.json (+ roofline PNG) and the pytest-benchmark JSON.
+# benchmarks/results/<cuda device>.json (+ roofline PNG) and, unless GPU_QUICK=1, the
+# pytest-benchmark JSON.
 #
 #   bash benchmarks/run_gpu.sh            # from the repository root, on a machine with a GPU
+#   GPU_QUICK=1 bash benchmarks/run_gpu.sh   # one pass of about 5-8 minutes (a lent machine's budget)
 #
 # Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default: the
-# visible GPU's compute capability), MAX_JOBS (default 4), BENCH_MIN_TIME (default 3 s).
-set -euo pipefail
+# visible GPU's compute capability), MAX_JOBS (default: the number of cores), BENCH_MIN_TIME
+# (default 3 s, GPU_QUICK 1 s), COMPILE_TIMEOUT (default 300 s, GPU_QUICK 90 s), OUT (if set:
+# the log and the result files are copied there, also when a stage fails).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export PATH="$CUDA_HOME/bin:$PATH"
-export MAX_JOBS="${MAX_JOBS:-4}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export PYTHONUNBUFFERED=1
+QUICK="${GPU_QUICK:-0}"
+MIN_TIME="${BENCH_MIN_TIME:-$([ "$QUICK" = 1 ] && echo 1 || echo 3)}"
+COMPILE_TIMEOUT="${COMPILE_TIMEOUT:-$([ "$QUICK" = 1 ] && echo 90 || echo 300)}"
+LOG="$(mktemp)"
+STATUS=0
+T0=$(date +%s)
+
+stage() { echo "== [$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
+# run one stage, keep going after a failure (the later stages still say something), remember it
+run() { "$@" 2>&1 | tee -a "$LOG"; local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "!! failed ($rc): $*" | tee -a "$LOG"; STATUS=1; }; return "$rc"; }
+finish() {
+  stage "done (status $STATUS)"
+  if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    cp "$LOG" "$OUT/run_gpu.log"
+    for f in benchmarks/results/"${DEV:-none}"*; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+  fi
+  exit "$STATUS"
+}
+
+run python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "run_gpu.sh: no CUDA GPU visible to torch")' \
+  || finish
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   TORCH_CUDA_ARCH_LIST="$(python -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")')"
   export TORCH_CUDA_ARCH_LIST
 fi
-python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "run_gpu.sh: no CUDA GPU visible to torch")'
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG" || true
 
-echo "== build (LRMT_CUDA=1, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-LRMT_CUDA=1 pip install --no-build-isolation --no-deps -e .
-python -m lrmt_fast info
-
-mkdir -p benchmarks/results
-echo "== CUDA tests"
-python -m pytest -q -m cuda tests/test_fused_ops.py
-echo "== fused-op tests (CPU and CUDA)"
-python -m pytest -q tests/test_fused_ops.py
-
+stage "build (LRMT_CUDA=1, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
+run env LRMT_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e . || finish
+run python -m lrmt_fast info
 DEV="$(python -c 'from benchmarks.measure import results_stem; print(results_stem("cuda"))')"
-echo "== pytest-benchmark suite (CUDA cases)"
-python -m pytest benchmarks/ --benchmark-only -k cuda \
-  --benchmark-json "benchmarks/results/${DEV}_pytest_benchmark.json"
-echo "== lrmt bench (CUDA): records, table and roofline"
-python -m benchmarks.report --device cuda --min-time "${BENCH_MIN_TIME:-3}"
-echo "== done: benchmarks/results/${DEV}.json, ${DEV}_roofline.png, ${DEV}_pytest_benchmark.json"
+mkdir -p benchmarks/results
+
+stage "CUDA tests"
+run python -m pytest -q -m cuda tests/test_fused_ops.py tests/test_graphed_update.py
+stage "fused-op tests (CPU and CUDA)"
+run python -m pytest -q -x tests/test_fused_ops.py
+if [ "$QUICK" != 1 ]; then
+  stage "pytest-benchmark suite (CUDA cases)"
+  run python -m pytest benchmarks/ --benchmark-only -k cuda \
+    --benchmark-json "benchmarks/results/${DEV}_pytest_benchmark.json"
+fi
+stage "lrmt bench (CUDA): records, table and roofline (min time $MIN_TIME s, compile timeout $COMPILE_TIMEOUT s)"
+run python -m benchmarks.report --device cuda --min-time "$MIN_TIME" --compile-timeout "$COMPILE_TIMEOUT"
+finish

@@ -1,7 +1,7 @@
 """pytest-benchmark suite of the meta-update op: ``pytest benchmarks/ --benchmark-only``.
 
 Every case (benchmarks/cases.py) runs for the reference and the fused path (and the
-nn.LSTM anchor) in the same session on the same inputs (same seed). Each benchmark's
+nn.LSTM anchor; on a GPU also the fused update as a CUDA graph replay) in the same session on the same inputs (same seed). Each benchmark's
 ``extra_info`` holds what ``lrmt bench --from-json`` needs for a record: the case's FLOPs,
 bytes and synapses per step, the machine limits measured once per session, and the peak
 memory of one call. The compiled-reference anchor runs in ``lrmt bench`` (it needs a
@@ -10,13 +10,13 @@ subprocess with a time limit), not here.
 import pytest
 import torch
 
-from benchmarks.cases import CASES, make_case
+from benchmarks.cases import CASES, applies, make_case
 from benchmarks.measure import (cpu_model, device_name, git_commit, load_average, machine_limits, now,
                                 peak_memory)
 from lrmt_fast import ops
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
-IMPLS = ("reference", "fused", "nn_lstm")
+IMPLS = ("reference", "fused", "nn_lstm", "fused_graph")
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +40,9 @@ def _rounds(case):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", CASES)
 def test_meta_update(benchmark, limits, name, impl, device):
-    if impl == "fused" and not ops.available(device):
+    if not applies(name, impl, device):
+        pytest.skip(f"{impl} is measured for the update cases on a GPU only")
+    if impl in ("fused", "fused_graph") and not ops.available(device):
         pytest.skip(f"fused extension unavailable on {device}")
     case = make_case(name, impl, device)
     lim = limits(device)

@@ -1096,6 +1096,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["this_thread_bytes"] = live;
     return d;
   });
+  m.def("_workspace_buffers", []() {
+    std::vector<at::Tensor> v;
+    for (auto& kv : lrmt::arenas())
+      if (kv.second.buffer().defined()) v.push_back(kv.second.buffer());
+    return v;
+  }, "this thread's workspace buffers (held by a captured CUDA graph)");
   m.def("_workspace_clear", []() { lrmt::arenas().clear(); }, "free this thread's workspaces");
   m.def("_pool_stats", []() {
     lrmt::PoolStats s = lrmt::pool_stats();

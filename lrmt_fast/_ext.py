@@ -53,6 +53,12 @@ def workspace_stats() -> dict:
     return dict(_C._workspace_stats()) if AVAILABLE else {}
 
 
+def workspace_buffers() -> list:
+    """This thread's workspace buffers (one per device and dtype): a captured CUDA graph holds
+    them, so that a workspace grown later does not free the memory the graph writes."""
+    return list(_C._workspace_buffers()) if AVAILABLE else []
+
+
 def workspace_clear() -> None:
     """Free this thread's workspaces and the CPU pool's cached blocks."""
     if AVAILABLE:

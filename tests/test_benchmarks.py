@@ -51,3 +51,22 @@ def test_measure_records_and_table():
     assert any("same blocks" in line for line in logs)
     txt = table(recs)
     assert "frac.same" in txt and "lenet_update" in txt
+
+
+def test_graph_impl_only_for_gpu_updates():
+    from benchmarks.cases import applies, make_case
+    assert applies("resnet32_update", "fused_graph", "cuda") and applies("lenet_update", "fused_graph", "cuda:0")
+    assert not applies("lenet_update", "fused_graph", "cpu")
+    assert not applies("lenet_train_s5", "fused_graph", "cuda")
+    assert all(applies("lenet_train_s5", i, "cpu") for i in ("reference", "fused", "nn_lstm"))
+    with pytest.raises(ValueError, match="update cases on a CUDA device"):
+        make_case("lenet_update", "fused_graph", "cpu")
+
+
+@pytest.mark.skipif(not ops.available("cpu"), reason="fused extension not built")
+def test_default_impls_skip_the_graph_on_cpu():
+    torch.set_num_threads(1)
+    recs = measure("cpu", ["lenet_update"], ["reference", "fused_graph"], min_time=0.02, compile_timeout=1,
+                   log=lambda s: None)
+    assert [r["impl"] for r in recs] == ["reference"]
+    assert "graph" in table(recs).splitlines()[0]
