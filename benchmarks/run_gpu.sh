@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build lrmt_fast with CUDA, run the CUDA tests and the benchmarks on the GPU, and write
-# benchmarks/results/<cuda device>.json (+ roofline PNG) and, unless GPU_QUICK=1, the
+# benchmarks/results/<cuda device>.json (+ roofline PNG), the end-to-end CIFAR meta-training
+# timing e2e_exp1_cifar_metatrain_<cuda device>.json and, unless GPU_QUICK=1, the
 # pytest-benchmark JSON.
 #
 #   bash benchmarks/run_gpu.sh            # from the repository root, on a machine with a GPU
@@ -32,7 +33,9 @@ finish() {
   if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
     cp "$LOG" "$OUT/run_gpu.log"
-    for f in benchmarks/results/"${DEV:-none}"*; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+    for f in benchmarks/results/"${DEV:-none}"* benchmarks/results/e2e_exp1_cifar_metatrain_"${DEV:-none}".json; do
+      [ -f "$f" ] && cp "$f" "$OUT/"
+    done
   fi
   exit "$STATUS"
 }
@@ -62,4 +65,6 @@ if [ "$QUICK" != 1 ]; then
 fi
 stage "lrmt bench (CUDA): records, table and roofline (min time $MIN_TIME s, compile timeout $COMPILE_TIMEOUT s)"
 run python -m benchmarks.report --device cuda --min-time "$MIN_TIME" --compile-timeout "$COMPILE_TIMEOUT"
+stage "end to end: Exp 1 CIFAR meta-training (ResNet-32 GN, quick settings, synthetic images), fused vs reference"
+run python -m benchmarks.e2e_exp1_cifar_metatrain --device cuda --episodes "${E2E_EPISODES:-3}" --max-steps 20
 finish

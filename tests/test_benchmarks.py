@@ -70,3 +70,22 @@ def test_default_impls_skip_the_graph_on_cpu():
                    log=lambda s: None)
     assert [r["impl"] for r in recs] == ["reference"]
     assert "graph" in table(recs).splitlines()[0]
+
+
+def test_e2e_cifar_metatrain_record(tmp_path):
+    """The end-to-end CIFAR meta-training timing on synthetic images and the smoke network:
+    both paths run the same episodes and the record says how long each took."""
+    import json
+
+    from benchmarks.e2e_exp1_cifar_metatrain import main
+    out = tmp_path / "e2e.json"
+    impls = "fused,reference" if ops.available("cpu") else "reference"
+    assert main(["--profile", "smoke", "--synthetic", "32", "--episodes", "1", "--max-steps", "2", "--device", "cpu",
+                 "--impls", impls, "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["case"] == "exp1_cifar_smoke_metatrain" and rec["max_steps"] == 2 and "synthetic" in rec["data"]
+    assert [r["impl"] for r in rec["rows"]] == impls.split(",")
+    for r in rec["rows"]:
+        assert r["episodes"] == 1 and 1 <= r["steps"] <= 2 and r["s_per_step"] > 0
+        assert r["s_per_episode"] == pytest.approx(r["wall_s"], abs=0.006)  # one episode; wall_s is rounded
+    assert rec["rows"][-1]["speedup_vs_reference"] == pytest.approx(1.0)
