@@ -1,8 +1,8 @@
 """pytest-benchmark suite of the meta-update op: ``pytest benchmarks/ --benchmark-only``.
 
 Every case (benchmarks/cases.py) runs for the reference and the fused path (and the
-nn.LSTM anchor; on a GPU also the fused update as a CUDA graph replay) in the same session on the same inputs (same seed). Each benchmark's
-``extra_info`` holds what ``lrmt bench --from-json`` needs for a record: the case's FLOPs,
+nn.LSTM anchor; on a GPU also the fused update as a CUDA graph replay) in the same session
+on the same inputs (same seed). Each benchmark's ``extra_info`` holds what ``lrmt bench --from-json`` needs for a record: the case's FLOPs,
 bytes and synapses per step, the machine limits measured once per session, and the peak
 memory of one call. The compiled-reference anchor runs in ``lrmt bench`` (it needs a
 subprocess with a time limit), not here.
