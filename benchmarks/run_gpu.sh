@@ -9,7 +9,7 @@
 #
 # Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default: the
 # visible GPU's compute capability), MAX_JOBS (default: the number of cores), BENCH_MIN_TIME
-# (default 3 s, GPU_QUICK 1 s), COMPILE_TIMEOUT (default 300 s, GPU_QUICK 90 s), OUT (if set:
+# (default 3 s, GPU_QUICK 1 s), COMPILE_TIMEOUT (default 300 s, GPU_QUICK 60 s), OUT (if set:
 # the log and the result files are copied there, also when a stage fails).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONUNBUFFERED=1
 QUICK="${GPU_QUICK:-0}"
 MIN_TIME="${BENCH_MIN_TIME:-$([ "$QUICK" = 1 ] && echo 1 || echo 3)}"
-COMPILE_TIMEOUT="${COMPILE_TIMEOUT:-$([ "$QUICK" = 1 ] && echo 90 || echo 300)}"
+COMPILE_TIMEOUT="${COMPILE_TIMEOUT:-$([ "$QUICK" = 1 ] && echo 60 || echo 300)}"
 LOG="$(mktemp)"
 STATUS=0
 T0=$(date +%s)
