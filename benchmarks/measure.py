@@ -247,6 +247,10 @@ def results_stem(device: str) -> str:
 
 
 def git_commit() -> Optional[str]:
+    """The short commit of this checkout (+dirty if csrc/, lrmt_fast/ or benchmarks/ differ from
+    it); ``LRMT_COMMIT`` when set (a copy of the tree without .git, e.g. on a lent GPU machine)."""
+    if os.environ.get("LRMT_COMMIT"):
+        return os.environ["LRMT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=10)

@@ -58,8 +58,9 @@ def _devices(arg: str) -> List[str]:
 
 
 def measure(device: str, cases: List[str], impls: List[str], min_time: float, compile_timeout: float,
-            log=print) -> List[Dict]:
-    """Measure every (case, impl) on ``device``; returns the records."""
+            log=print, after_case=None) -> List[Dict]:
+    """Measure every (case, impl) on ``device``; returns the records. ``after_case(records so
+    far)`` is called after each case (run() writes them, so a run cut short keeps what it did)."""
     import gc
 
     import torch
@@ -134,6 +135,8 @@ def measure(device: str, cases: List[str], impls: List[str], min_time: float, co
                                                 (f" ({rec['fraction_of_limit_interleaved'] * 100:5.1f}% same blocks)"
                                                  if rec.get("fraction_of_limit_interleaved") else "")
                                                 if sps else f"no number: {rec.get('note')}"))
+        if after_case is not None:
+            after_case(add_ratios([dict(r) for r in recs]))
     return add_ratios(recs)
 
 
@@ -238,6 +241,18 @@ def roofline_figure(records: List[Dict], path: str) -> Optional[str]:
     return path
 
 
+def _write(recs: List[Dict], out: str) -> Optional[str]:
+    """Write the records of one device to ``out/<device>.json`` (atomically); returns the path."""
+    if not recs:
+        return None
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{recs[0]['device'].replace('/', '_')}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(recs, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def run(args) -> int:
     import torch
 
@@ -261,19 +276,16 @@ def run(args) -> int:
             raise ValueError(f"unknown case(s) / impl(s): {bad}")
         by_dev = {}
         for dev in _devices(args.device):
-            recs = measure(dev, cases, impls, args.min_time, args.compile_timeout)
+            partial = None if args.no_write else (lambda rs: _write(rs, args.out))
+            recs = measure(dev, cases, impls, args.min_time, args.compile_timeout, after_case=partial)
             by_dev[recs[0]["device"] if recs else dev] = recs
     for dev, recs in by_dev.items():
         print()
         print(table(recs))
         if args.no_write:
             continue
-        os.makedirs(args.out, exist_ok=True)
+        path = _write(recs, args.out)
         stem = dev.replace("/", "_")
-        path = os.path.join(args.out, f"{stem}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(recs, f, indent=1)
-        os.replace(path + ".tmp", path)
         fig = roofline_figure(recs, os.path.join(args.out, f"{stem}_roofline.png"))
         print(f"wrote {path}" + (f" and {fig}" if fig else ""))
     _ = results_stem

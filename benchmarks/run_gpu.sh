@@ -5,7 +5,12 @@
 # pytest-benchmark JSON.
 #
 #   bash benchmarks/run_gpu.sh            # from the repository root, on a machine with a GPU
-#   GPU_QUICK=1 bash benchmarks/run_gpu.sh   # one pass of about 5-8 minutes (a lent machine's budget)
+#   GPU_QUICK=1 bash benchmarks/run_gpu.sh   # one pass of about 8 minutes (a lent machine's budget)
+#
+# Stages, most valuable first (each under its own time limit; the log and every result file so
+# far are copied to $OUT after each stage, so a run cut short still returns them): build; the
+# CUDA kernel tests; lrmt bench; the TF32 check (benchmarks/tf32_check.py); the CUDA end-to-end
+# tests (experiment smoke runs, NCCL); the end-to-end CIFAR meta-training timing.
 #
 # Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default: the
 # visible GPU's compute capability), MAX_JOBS (default: the number of cores), BENCH_MIN_TIME
@@ -15,7 +20,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+if [ ! -x "$CUDA_HOME/bin/nvcc" ] && command -v nvcc >/dev/null; then
+  CUDA_HOME="$(dirname "$(dirname "$(command -v nvcc)")")"
+fi
 export PATH="$CUDA_HOME/bin:$PATH"
+if ! command -v python >/dev/null; then   # images with python3 only
+  mkdir -p /tmp/lrmt_bin && ln -sf "$(command -v python3)" /tmp/lrmt_bin/python && export PATH="/tmp/lrmt_bin:$PATH"
+fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONUNBUFFERED=1
 QUICK="${GPU_QUICK:-0}"
@@ -26,21 +37,32 @@ STATUS=0
 T0=$(date +%s)
 
 stage() { echo "== [$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
-# run one stage, keep going after a failure (the later stages still say something), remember it
-run() { "$@" 2>&1 | tee -a "$LOG"; local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "!! failed ($rc): $*" | tee -a "$LOG"; STATUS=1; }; return "$rc"; }
+# copy the log and the result files so far to $OUT (after every stage)
+save() {
+  [ -n "${OUT:-}" ] || return 0
+  mkdir -p "$OUT"
+  cp "$LOG" "$OUT/run_gpu.log"
+  for f in benchmarks/results/"${DEV:-none}"* benchmarks/results/e2e_exp1_cifar_metatrain_"${DEV:-none}".json; do
+    [ -f "$f" ] && cp "$f" "$OUT/"
+  done
+  return 0
+}
+# run one stage under a time limit (seconds, first argument), keep going after a failure (the later
+# stages still say something), remember it
+run() {
+  local limit="$1"; shift
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"; local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || { echo "!! failed ($rc$([ "$rc" = 124 ] && echo ": over its ${limit} s limit")): $*" | tee -a "$LOG"; STATUS=1; }
+  save
+  return "$rc"
+}
 finish() {
   stage "done (status $STATUS)"
-  if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT"
-    cp "$LOG" "$OUT/run_gpu.log"
-    for f in benchmarks/results/"${DEV:-none}"* benchmarks/results/e2e_exp1_cifar_metatrain_"${DEV:-none}".json; do
-      [ -f "$f" ] && cp "$f" "$OUT/"
-    done
-  fi
+  save
   exit "$STATUS"
 }
 
-run python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "run_gpu.sh: no CUDA GPU visible to torch")' \
+run 60 python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "run_gpu.sh: no CUDA GPU visible to torch")' \
   || finish
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   TORCH_CUDA_ARCH_LIST="$(python -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")')"
@@ -48,23 +70,27 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG" || true
 
-stage "build (LRMT_CUDA=1, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
-run env LRMT_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e . || finish
-run python -m lrmt_fast info
+stage "build (LRMT_CUDA=1, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS, CUDA_HOME=$CUDA_HOME)"
+run 400 env LRMT_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e . || finish
+run 60 python -m lrmt_fast info
 DEV="$(python -c 'from benchmarks.measure import results_stem; print(results_stem("cuda"))')"
 mkdir -p benchmarks/results
 
-stage "CUDA tests"
-run python -m pytest -q -m cuda tests/test_fused_ops.py tests/test_graphed_update.py
-stage "fused-op tests (CPU and CUDA)"
-run python -m pytest -q -x tests/test_fused_ops.py
+stage "CUDA kernel tests (fused op, T-BPTT, meta-training steps, CUDA graphs)"
+run 300 python -m pytest -q -m cuda tests/test_fused_ops.py tests/test_graphed_update.py
 if [ "$QUICK" != 1 ]; then
+  stage "fused-op tests (CPU and CUDA)"
+  run 900 python -m pytest -q -x tests/test_fused_ops.py
   stage "pytest-benchmark suite (CUDA cases)"
-  run python -m pytest benchmarks/ --benchmark-only -k cuda \
+  run 1800 python -m pytest benchmarks/ --benchmark-only -k cuda \
     --benchmark-json "benchmarks/results/${DEV}_pytest_benchmark.json"
 fi
 stage "lrmt bench (CUDA): records, table and roofline (min time $MIN_TIME s, compile timeout $COMPILE_TIMEOUT s)"
-run python -m benchmarks.report --device cuda --min-time "$MIN_TIME" --compile-timeout "$COMPILE_TIMEOUT"
+run "${BENCH_LIMIT:-1800}" python -m benchmarks.report --device cuda --min-time "$MIN_TIME" --compile-timeout "$COMPILE_TIMEOUT"
+stage "TF32: the tolerance rule with TF32 GEMMs (benchmarks/tf32_check.py)"
+run 120 python -m benchmarks.tf32_check
+stage "CUDA end-to-end tests (experiment smoke runs on the GPU, NCCL)"
+run 300 python -m pytest -q -m cuda tests/test_exp1_cli.py tests/test_cifar_experiments.py tests/test_distributed.py
 stage "end to end: Exp 1 CIFAR meta-training (ResNet-32 GN, quick settings, synthetic images), fused vs reference"
-run python -m benchmarks.e2e_exp1_cifar_metatrain --device cuda --episodes "${E2E_EPISODES:-3}" --max-steps 20
+run 300 python -m benchmarks.e2e_exp1_cifar_metatrain --device cuda --episodes "${E2E_EPISODES:-3}" --max-steps 20
 finish

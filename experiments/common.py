@@ -234,8 +234,9 @@ def run_two_task_pipeline(cfg: Dict, tasks, out_dir: str, seeds: List[int], devi
     timings["total_s"] = round(time.time() - t_start, 1)
 
     # 4. results: results.json, table.md, curves.png, Figure 6 (curriculum), Figure 7 (gate histogram)
-    config_extra = dict(device=device, impl=impl, data_info=tasks.describe(), readout_data=readout_desc,
-                        task_a_test_acc=ainfo["test_acc"])
+    from lrmt_fast.ops import resolve_impl
+    config_extra = dict(device=device, impl=impl, impl_resolved=resolve_impl(impl, device, warn=False),
+                        data_info=tasks.describe(), readout_data=readout_desc, task_a_test_acc=ainfo["test_acc"])
     res = finish(cfg, runs, seeds, out_dir, history, hist, {"timings": timings, "config_extra": config_extra}, log,
                  cfg.get("experiment", "experiment"))
     return res

@@ -248,3 +248,20 @@ def test_report_combines_cifar_and_mnist_folders(env, tmp_path, capsys):
     assert main(["report", dirs[0], str(tmp_path / "nothing")]) == 1
     err = capsys.readouterr().err
     assert "no such file" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.cuda
+def test_exp1_cifar_smoke_on_cuda(env):
+    """exp1-cifar on the GPU (ResNet GN, the fused CUDA op in meta-training and meta-test): the
+    results, Figures 6 and 7, and the device, path and precision in effect recorded."""
+    from lrmt_fast import _ext
+    out = os.path.join(env["base"], "exp1_cuda")
+    res = _run("exp1-cifar", env, out, "--device", "cuda")
+    cfg = res["config"]
+    assert cfg["device"] == "cuda"
+    assert cfg["impl_resolved"] == ("fused" if _ext.cuda_compiled() else "reference")
+    assert cfg["precision"] == {"dtype": "float32", "autocast": False,
+                                "tf32_convolutions": bool(torch.backends.cudnn.allow_tf32),
+                                "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
+    assert res["delta_summary"]["all"]["n"] == _n_synapses(res) * res["config"]["metatest"]["steps"] * len(res["seeds"])
+

@@ -227,3 +227,52 @@ def test_not_launched_gives_local_sync(monkeypatch):
     assert sync.rank == 0 and sync.world_size == 1 and dev == "cpu" and sync.any(True) and not sync.any(False)
     with pytest.raises(DistributedError, match="initialised process group"):
         DistSync("cpu")
+
+
+def _one_rank_worker(backend, device, port, result_dir):
+    """One rank of a process group (NCCL on the GPU, gloo on the CPU): the collectives of
+    DistSync, and a meta-training through DistSync that must equal the same run without a process
+    group (one rank's average is its own gradient)."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    res = {}
+    try:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend)
+        sync = DistSync(device, timeout_s=60)
+        res["backend"] = sync.backend
+        res["any_true"], res["any_false"] = sync.any(True), sync.any(False)
+        res["bcast"] = sync.broadcast_object({"x": 1})
+        sync.barrier()
+        runs = {}
+        for name, s in (("group", sync), ("local", None)):
+            model = _model().to(device)
+            xa, ya, xb, yb = tiny_data()
+            stream = TensorTaskStream(param_dict(model), xa, ya, xb, yb, 8, 8, device=device)
+            meta, hist = metatrain(model, stream, _cfg(device=device, impl=None), progress=False, sync=s)
+            runs[name] = (_flat(meta).cpu(), [h["steps"] for h in hist])
+        res["runs"] = runs
+        shutdown(sync)
+    except Exception:
+        res["error"] = traceback.format_exc()
+    torch.save(res, os.path.join(result_dir, "one_rank.pt"))
+
+
+@pytest.mark.parametrize("backend,device", [("gloo", "cpu"), pytest.param("nccl", "cuda:0", marks=pytest.mark.cuda)])
+def test_one_rank_group_on_each_backend(backend, device, tmp_path):
+    """DistSync over NCCL on the GPU (one GPU here, so one rank) and over gloo on the CPU."""
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_one_rank_worker, args=(backend, device, _free_port(), str(tmp_path)))
+    p.start()
+    p.join(240)
+    if p.is_alive():
+        p.kill()
+    res = torch.load(os.path.join(str(tmp_path), "one_rank.pt"), weights_only=False)
+    assert "error" not in res, res["error"]
+    assert res["backend"] == backend and res["any_true"] is True and res["any_false"] is False
+    assert res["bcast"] == {"x": 1}
+    (a, steps_a), (b, steps_b) = res["runs"]["group"], res["runs"]["local"]
+    assert steps_a == steps_b and torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

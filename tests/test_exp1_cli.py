@@ -658,3 +658,22 @@ def test_real_data_sizes():
     assert (info["task_a_train"], info["task_a_test"], info["task_b_train"], info["task_b_test"]) == (60000, 10000,
                                                                                                       60000, 10000)
     assert info["d_b1"] == info["d_b2"] == 30000
+
+
+@pytest.mark.cuda
+def test_exp1_mnist_smoke_on_cuda(fake_data, tmp_path):
+    """The whole exp1-mnist pipeline on the GPU (pretraining, meta-training through the fused CUDA
+    op, the baselines, the readouts): a complete results.json that records the device and path."""
+    from lrmt_fast import _ext
+    out = str(tmp_path / "cuda")
+    argv = smoke_args(fake_data, out)
+    argv[argv.index("--device") + 1] = "cuda"
+    rc, _, err = run_cli(argv)
+    assert rc == 0, err[-2000:]
+    res = load_results(os.path.join(out, "results.json"), REQUIRED_METHODS)
+    cfg = res["config"]
+    assert cfg["device"] == "cuda"
+    assert cfg["impl_resolved"] == ("fused" if _ext.cuda_compiled() else "reference")
+    for name, e in res["methods"].items():
+        assert all(0.0 <= v <= 100.0 for v in e["task_a_readout"]["mean"]), name
+        assert all(math.isfinite(v) for v in e["task_b_readout"]["mean"]), name
