@@ -182,10 +182,13 @@ if AVAILABLE:
         gw, _gwb, gh, gc, gth = torch.ops.lrmt_fast.meta_step_net_backward(
             [gw_new], [], [gdelta], [gh_new], [gc_new], [w], [], [g], [], [pre], [post], [h], [c], list(theta),
             ctx.flags, ctx.lr, fscale.view(1, 4), [h_new], [c_new], saved, snap, need_w, need_hc, need_theta)
-        return (gw[0] if need_w else None, None, None, None,
-                gh[0] if nig[4] else None, gc[0] if nig[5] else None,
-                [t if n else None for t, n in zip(gth, nig[6])] if need_theta else [None] * ctx.n_theta,
-                None, None, None, None)
+        grads = (gw[0] if need_w else None, None, None, None,
+                 gh[0] if nig[4] else None, gc[0] if nig[5] else None,
+                 [t if n else None for t, n in zip(gth, nig[6])] if need_theta else [None] * ctx.n_theta,
+                 None, None, None, None)
+        # one entry per input as autograd saw them: older torch (2.11) leaves trailing arguments
+        # that equal their defaults (save=True, snapshot=False) out of the op's input structure
+        return grads[:len(nig)]
 
     torch.library.register_autograd("lrmt_fast::meta_step", _single_backward, setup_context=_single_setup)
 

@@ -827,10 +827,11 @@ def _metatrain_20(impl, dtype, device="cpu"):
     return {n: p.detach().cpu().clone() for n, p in meta.named_parameters()}
 
 
-@pytest.mark.slow
-def test_twenty_meta_training_steps_match_reference(monkeypatch):
+@pytest.fixture
+def _loop_in_default_dtype(monkeypatch):
+    """The meta-training loop entirely in the default dtype (float64 for the reference runs),
+    from the same float32-drawn start in every dtype."""
     import lrmt_fast.metatrain as mt
-    assert ops.resolve_impl(None) == "fused", "the fused op must be the default on CPU when it is built"
     # run_episode calls meta.init_state(device=...) without a dtype (float32 state); let the
     # state follow the default dtype so that the whole loop runs in float64 for the reference
     orig_init = MetaLearner.init_state
@@ -848,6 +849,11 @@ def test_twenty_meta_training_steps_match_reference(monkeypatch):
             torch.set_default_dtype(dt)
 
     monkeypatch.setattr(mt, "build_meta_learner", build32)
+
+
+@pytest.mark.slow
+def test_twenty_meta_training_steps_match_reference(monkeypatch, _loop_in_default_dtype):
+    assert ops.resolve_impl(None) == "fused", "the fused op must be the default on CPU when it is built"
     calls = []
     real = ops.network_step
 
@@ -1039,7 +1045,7 @@ def _no_tf32():
 
 
 @pytest.mark.cuda
-def test_cuda_twenty_meta_training_steps_follow_the_rule(_no_tf32):
+def test_cuda_twenty_meta_training_steps_follow_the_rule(_no_tf32, _loop_in_default_dtype):
     """Algorithm 1 on the GPU through the loop (teacher, student, meta-loss, T-BPTT through the
     fused CUDA op's backward, Adam): the fused float32 meta-parameters after 20 steps are within
     the tolerance rule of the float32 reference on the same GPU, both against the float64 CPU
