@@ -71,7 +71,16 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG" || true
 
 stage "build (LRMT_CUDA=1, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS, CUDA_HOME=$CUDA_HOME)"
-run 400 env LRMT_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e . || finish
+# pip first (as the README); a machine without a package index whose pip takes the legacy
+# `setup.py develop` path fails there (setuptools then asks pip for an isolated build
+# environment: seen on the lent H200 machine, 2026-12-04), so the extension is then built in
+# place, with the repository root on PYTHONPATH for everything below
+if ! run 400 env LRMT_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e .; then
+  STATUS=0
+  stage "pip could not build the package here; building the extension in place (setup.py build_ext --inplace)"
+  run 400 env LRMT_CUDA=1 python setup.py -q build_ext --inplace || finish
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 run 60 python -m lrmt_fast info
 DEV="$(python -c 'from benchmarks.measure import results_stem; print(results_stem("cuda"))')"
 mkdir -p benchmarks/results

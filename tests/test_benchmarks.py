@@ -89,3 +89,20 @@ def test_e2e_cifar_metatrain_record(tmp_path):
         assert r["episodes"] == 1 and 1 <= r["steps"] <= 2 and r["s_per_step"] > 0
         assert r["s_per_episode"] == pytest.approx(r["wall_s"], abs=0.006)  # one episode; wall_s is rounded
     assert rec["rows"][-1]["speedup_vs_reference"] == pytest.approx(1.0)
+
+
+def test_tf32_check_errors_on_the_cpu(capsys):
+    """benchmarks/tf32_check.py: its error measures (whole-student update outputs, meta-train
+    window gradients) put the fused and the reference float32 paths at float32 rounding from the
+    float64 reference; without a GPU the command says so and fails."""
+    from benchmarks import tf32_check
+    for fn, bound in ((tf32_check._update_outputs, 1e-5), (tf32_check._train_grads, 1e-4)):
+        ref64 = fn("lenet", "cpu", torch.float64, "reference")
+        for impl in ("reference", "fused"):
+            x = fn("lenet", "cpu", torch.float32, impl)
+            assert x.shape == ref64.shape and x.dtype == torch.float64
+            rel = ((x - ref64).norm() / ref64.norm()).item()
+            assert 0 < rel < bound, (fn.__name__, impl, rel)
+    if not torch.cuda.is_available():
+        assert tf32_check.main([]) == 1
+        assert "no CUDA GPU" in capsys.readouterr().out
