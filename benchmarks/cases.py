@@ -275,5 +275,23 @@ def make_case(name: str, impl: str, device: str = "cpu", seed: int = 0) -> Case:
     return Case(name, impl, device, model, kind, s, fn, ml, cost)
 
 
+def train_window_grads(model: str, device: str = "cpu", dtype=torch.float32, impl: str = "fused", s: int = 5,
+                       seed: int = 0) -> Dict[str, torch.Tensor]:
+    """The meta-gradients of one T-BPTT window of the meta-train case (``s`` unrolled
+    whole-student update steps and the backward of its loss), built by :func:`build_student`
+    with ``seed``: {meta-parameter name: d loss / d theta, on the CPU}. Used by the tests
+    (tolerance rule) and by benchmarks/tf32_check.py."""
+    ml, params, grads, acts, state = build_student(model, device, dtype=dtype, seed=seed)
+    adapted = sorted({p for lay in ml.layers for p in (lay.weight, lay.bias) if p is not None})
+    rp, rs = _loss_weights(params, state, adapted)
+    p, st = params, state
+    for _ in range(s):
+        new, st, _ = ml.step(p, grads, acts, st, LR, impl=impl, snapshot=True)
+        p = {**p, **new}
+    loss = sum((p[k] * rp[k]).sum() for k in adapted) + sum((h * rs[k]).sum() for k, (h, _) in st.items())
+    loss.backward()
+    return {n: q.grad.detach().cpu().clone() for n, q in ml.named_parameters()}
+
+
 def layer_summary(ml: MetaLearner) -> List[Dict]:
     return [{"key": l.key, "cout": l.cout, "p": l.p, "cin_feat": l.cin_feat, "hidden": l.hidden} for l in ml.layers]

@@ -25,7 +25,7 @@ from typing import Dict, List
 
 import torch
 
-from .cases import LR, _loss_weights, build_student
+from .cases import LR, build_student, train_window_grads
 from .measure import device_name, git_commit, now, results_stem
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -47,16 +47,8 @@ def _update_outputs(model: str, device: str, dtype, impl: str) -> torch.Tensor:
 
 
 def _train_grads(model: str, device: str, dtype, impl: str, s: int = 5) -> torch.Tensor:
-    ml, params, grads, acts, state = build_student(model, device, dtype=dtype, seed=SEEDS[model])
-    adapted = sorted({p for lay in ml.layers for p in (lay.weight, lay.bias) if p is not None})
-    rp, rs = _loss_weights(params, state, adapted)
-    p, st = params, state
-    for _ in range(s):
-        new, st, _ = ml.step(p, grads, acts, st, LR, impl=impl, snapshot=True)
-        p = {**p, **new}
-    loss = sum((p[k] * rp[k]).sum() for k in adapted) + sum((h * rs[k]).sum() for k, (h, _) in st.items())
-    loss.backward()
-    return torch.cat([q.grad.reshape(-1).double().cpu() for q in ml.parameters()])
+    g = train_window_grads(model, device, dtype, impl, s=s, seed=SEEDS[model])
+    return torch.cat([t.reshape(-1).double() for t in g.values()])
 
 
 def _ms_per_update(model: str, device: str, impl: str, reps: int = 50) -> float:

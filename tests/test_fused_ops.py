@@ -1062,18 +1062,9 @@ def test_cuda_twenty_meta_training_steps_follow_the_rule(_no_tf32, _loop_in_defa
 
 def _train_window_grads(model, device, dtype, impl, s=5, seed=0):
     """Meta-gradients of one T-BPTT window of s unrolled whole-student update steps (the meta-train
-    benchmark case, benchmarks/cases.py): d loss / d theta for every meta-parameter."""
-    from benchmarks.cases import LR, _loss_weights, build_student
-    ml, params, grads, acts, state = build_student(model, device, dtype=dtype, seed=seed)
-    adapted = sorted({p for lay in ml.layers for p in (lay.weight, lay.bias) if p is not None})
-    rp, rs = _loss_weights(params, state, adapted)
-    p, st = params, state
-    for _ in range(s):
-        new, st, _ = ml.step(p, grads, acts, st, LR, impl=impl, snapshot=True)
-        p = {**p, **new}
-    loss = sum((p[k] * rp[k]).sum() for k in adapted) + sum((h * rs[k]).sum() for k, (h, _) in st.items())
-    loss.backward()
-    return {n: q.grad.detach().cpu().clone() for n, q in ml.named_parameters()}
+    benchmark case): {name: d loss / d theta}."""
+    from benchmarks.cases import train_window_grads
+    return train_window_grads(model, device, dtype, impl, s=s, seed=seed)
 
 
 @pytest.mark.parametrize("model,device", [("lenet", "cpu"), ("resnet32", "cpu"),
