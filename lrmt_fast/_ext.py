@@ -186,8 +186,9 @@ if AVAILABLE:
                  gh[0] if nig[4] else None, gc[0] if nig[5] else None,
                  [t if n else None for t, n in zip(gth, nig[6])] if need_theta else [None] * ctx.n_theta,
                  None, None, None, None)
-        # one entry per input as autograd saw them: older torch (2.11) leaves trailing arguments
-        # that equal their defaults (save=True, snapshot=False) out of the op's input structure
+        # one entry per input as autograd saw them (needs_input_grad): torch 2.11 left the last
+        # argument (snapshot=False, its default) out of the op's input structure and rejected a
+        # backward with 11 entries (seen on the lent H200 machine); torch 2.14 counts all 11
         return grads[:len(nig)]
 
     torch.library.register_autograd("lrmt_fast::meta_step", _single_backward, setup_context=_single_setup)
