@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -179,9 +180,26 @@ def init_distributed(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S,
     return DistSync(dev, timeout_s=timeout_s), dev
 
 
+# Seconds the main thread sleeps (GIL released) before leaving the process group; see shutdown().
+SHUTDOWN_GRACE_S = 0.2
+
+
 def shutdown(sync) -> None:
+    """Leave the process group (each rank, at the end of its run or on an error).
+
+    A backend's worker thread (gloo's ``runLoop``) drops its reference to a finished collective
+    after ``wait()`` has returned in Python; when that reference is the tensor's last, freeing
+    it takes the GIL. A rank that returns straight after its last collective (every rank but 0,
+    after meta-training) could reach interpreter finalisation with that release still pending,
+    and the worker, unable to take the GIL then, ended in std::terminate (SIGABRT, "terminate
+    called without an active exception"; seen about once in ten 2-rank runs on a loaded 2-core
+    machine, backtrace: ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork -> decref_pyobject ->
+    take_gil during Py_FinalizeEx). Sleeping briefly releases the GIL so that the worker finishes
+    first; destroy_process_group then shuts the backends down."""
     if isinstance(sync, DistSync) and dist.is_initialized():
+        time.sleep(SHUTDOWN_GRACE_S)
         dist.destroy_process_group()
+        time.sleep(SHUTDOWN_GRACE_S)
 
 
 def broadcast_object(sync, obj: Any, src: int = 0) -> Any:

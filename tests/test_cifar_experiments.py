@@ -263,5 +263,5 @@ def test_exp1_cifar_smoke_on_cuda(env):
     assert cfg["precision"] == {"dtype": "float32", "autocast": False,
                                 "tf32_convolutions": bool(torch.backends.cudnn.allow_tf32),
                                 "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
-    assert res["delta_summary"]["all"]["n"] == _n_synapses(res) * res["config"]["metatest"]["steps"] * len(res["seeds"])
-
+    n = _n_synapses(res) * res["config"]["metatest"]["steps"] * len(res["seeds"])
+    assert res["delta_summary"]["all"]["n"] == n
