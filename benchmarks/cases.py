@@ -221,7 +221,12 @@ def _loss_weights(params, state, keys, gen_seed=123):
     return rp, rs
 
 
-def make_case(name: str, impl: str, device: str = "cpu", seed: int = 0) -> Case:
+def adapted_params(ml: MetaLearner) -> List[str]:
+    """Names of the student parameters the meta-learner updates (weights and biases), sorted."""
+    return sorted({p for lay in ml.layers for p in (lay.weight, lay.bias) if p is not None})
+
+
+def make_case(name: str, impl: str, device: str = "cpu", seed: int = 0, dtype=torch.float32) -> Case:
     """Build the inputs of ``name`` for ``impl`` (same seed -> same inputs for every impl)."""
     model, kind, s = parse_case(name)
     if impl not in ("reference", "fused", "nn_lstm", "fused_graph"):
@@ -230,9 +235,9 @@ def make_case(name: str, impl: str, device: str = "cpu", seed: int = 0) -> Case:
     if not applies(name, impl, device):
         raise ValueError(f"make_case: {impl} is measured only for the update cases on a CUDA device, "
                          f"not {name} on {device}")
-    ml, params, grads, acts, state = build_student(model, device, seed=seed)
+    ml, params, grads, acts, state = build_student(model, device, dtype=dtype, seed=seed)
     cost = op_cost(ml, kind)
-    adapted = sorted({p for lay in ml.layers for p in (lay.weight, lay.bias) if p is not None})
+    adapted = adapted_params(ml)
     anchor = NNLSTMStep(ml) if impl == "nn_lstm" else None
 
     if kind == "update":
@@ -277,20 +282,13 @@ def make_case(name: str, impl: str, device: str = "cpu", seed: int = 0) -> Case:
 
 def train_window_grads(model: str, device: str = "cpu", dtype=torch.float32, impl: str = "fused", s: int = 5,
                        seed: int = 0) -> Dict[str, torch.Tensor]:
-    """The meta-gradients of one T-BPTT window of the meta-train case (``s`` unrolled
-    whole-student update steps and the backward of its loss), built by :func:`build_student`
-    with ``seed``: {meta-parameter name: d loss / d theta, on the CPU}. Used by the tests
-    (tolerance rule) and by benchmarks/tf32_check.py."""
-    ml, params, grads, acts, state = build_student(model, device, dtype=dtype, seed=seed)
-    adapted = sorted({p for lay in ml.layers for p in (lay.weight, lay.bias) if p is not None})
-    rp, rs = _loss_weights(params, state, adapted)
-    p, st = params, state
-    for _ in range(s):
-        new, st, _ = ml.step(p, grads, acts, st, LR, impl=impl, snapshot=True)
-        p = {**p, **new}
-    loss = sum((p[k] * rp[k]).sum() for k in adapted) + sum((h * rs[k]).sum() for k, (h, _) in st.items())
-    loss.backward()
-    return {n: q.grad.detach().cpu().clone() for n, q in ml.named_parameters()}
+    """The meta-gradients of one call of the meta-train case ``<model>_train_s<s>`` (``s``
+    unrolled whole-student update steps and the backward of its loss), with the inputs of
+    ``seed`` in ``dtype``: {meta-parameter name: d loss / d theta, on the CPU}. Used by the
+    tests (tolerance rule) and by benchmarks/tf32_check.py."""
+    case = make_case(f"{model}_train_s{s}", impl, device, seed=seed, dtype=dtype)
+    case.fn()
+    return {n: q.grad.detach().cpu().clone() for n, q in case.ml.named_parameters()}
 
 
 def layer_summary(ml: MetaLearner) -> List[Dict]:

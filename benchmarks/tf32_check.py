@@ -25,7 +25,7 @@ from typing import Dict, List
 
 import torch
 
-from .cases import LR, build_student, train_window_grads
+from .cases import LR, adapted_params, build_student, train_window_grads
 from .measure import device_name, git_commit, now, results_stem
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -41,8 +41,7 @@ def _update_outputs(model: str, device: str, dtype, impl: str) -> torch.Tensor:
     ml, params, grads, acts, state = build_student(model, device, dtype=dtype, seed=SEEDS[model])
     with torch.no_grad():
         ml.step_(params, grads, acts, state, LR, impl=impl)
-    adapted = sorted({p for lay in ml.layers for p in (lay.weight, lay.bias) if p is not None})
-    parts = [params[k].reshape(-1) for k in adapted] + [t.reshape(-1) for hc in state.values() for t in hc]
+    parts = [params[k].reshape(-1) for k in adapted_params(ml)] + [t.reshape(-1) for hc in state.values() for t in hc]
     return torch.cat([p.double().cpu() for p in parts])
 
 

@@ -158,6 +158,12 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def resolved_impl(impl: Optional[str], device: str) -> str:
+    """The meta-update path a run uses on ``device`` ('fused' or 'reference'), for results.json."""
+    from lrmt_fast.ops import resolve_impl
+    return resolve_impl(impl, device, warn=False)
+
+
 def run_two_task_pipeline(cfg: Dict, tasks, out_dir: str, seeds: List[int], device: str = "cpu",
                           impl: Optional[str] = None, resume: bool = False, progress: bool = True,
                           log: Callable = print) -> Dict:
@@ -234,8 +240,7 @@ def run_two_task_pipeline(cfg: Dict, tasks, out_dir: str, seeds: List[int], devi
     timings["total_s"] = round(time.time() - t_start, 1)
 
     # 4. results: results.json, table.md, curves.png, Figure 6 (curriculum), Figure 7 (gate histogram)
-    from lrmt_fast.ops import resolve_impl
-    config_extra = dict(device=device, impl=impl, impl_resolved=resolve_impl(impl, device, warn=False),
+    config_extra = dict(device=device, impl=impl, impl_resolved=resolved_impl(impl, device),
                         data_info=tasks.describe(), readout_data=readout_desc, task_a_test_acc=ainfo["test_acc"])
     res = finish(cfg, runs, seeds, out_dir, history, hist, {"timings": timings, "config_extra": config_extra}, log,
                  cfg.get("experiment", "experiment"))

@@ -76,12 +76,6 @@ def apply_precision(args, device: str) -> Dict:
             "tf32_matmul": bool(cuda and torch.backends.cuda.matmul.allow_tf32)}
 
 
-def resolved_impl(impl: Optional[str], device: str) -> str:
-    """The meta-update path a run uses on ``device`` ('fused' or 'reference')."""
-    from lrmt_fast.ops import resolve_impl
-    return resolve_impl(impl, device, warn=False)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_cifar_arguments(p, CONFIG, DEFAULT_OUT)
 
@@ -390,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {"timings": {"pretrain_s": round(t_pre, 1), "metatrain_s": round(t_meta, 1),
                          "metatest_s": round(time.time() - t0, 1), "total_s": round(time.time() - t_start, 1)},
              "world_size": getattr(sync, "world_size", 1),
-             "config_extra": {"device": device, "impl": args.impl, "impl_resolved": resolved_impl(args.impl, device),
+             "config_extra": {"device": device, "impl": args.impl, "impl_resolved": common.resolved_impl(args.impl, device),
                               "precision": args.precision, "data_info": tasks.describe(),
                               "readout_data": rdesc, "task_a_test_acc": ainfo["test_acc"],
                               "task_a_checkpoint": ainfo["path"]}}

@@ -113,7 +113,7 @@ def run_cifar100(args: argparse.Namespace, name: str, config: str, default_out: 
                          "metatest_s": round(time.time() - t0, 1), "total_s": round(time.time() - t_start, 1)},
              "world_size": getattr(sync, "world_size", 1),
              "b2_classes": b2_info,
-             "config_extra": {"device": device, "impl": args.impl, "impl_resolved": E.resolved_impl(args.impl, device),
+             "config_extra": {"device": device, "impl": args.impl, "impl_resolved": common.resolved_impl(args.impl, device),
                               "precision": args.precision, "readout_data": rdesc,
                               "task_a_test_acc": ainfo["test_acc"], "task_a_checkpoint": ainfo["path"],
                               **({"pool": ainfo.get("pool")} if unseen_init else {})}}

@@ -1060,13 +1060,6 @@ def test_cuda_twenty_meta_training_steps_follow_the_rule(_no_tf32, _loop_in_defa
         assert e_f <= 2 * e_r + floor, f"{k}: fused32 (CUDA) error {e_f:.2e} > 2 x reference32 error {e_r:.2e}"
 
 
-def _train_window_grads(model, device, dtype, impl, s=5, seed=0):
-    """Meta-gradients of one T-BPTT window of s unrolled whole-student update steps (the meta-train
-    benchmark case): {name: d loss / d theta}."""
-    from benchmarks.cases import train_window_grads
-    return train_window_grads(model, device, dtype, impl, s=s, seed=seed)
-
-
 @pytest.mark.parametrize("model,device", [("lenet", "cpu"), ("resnet32", "cpu"),
                                           pytest.param("lenet", "cuda", marks=pytest.mark.cuda),
                                           pytest.param("resnet32", "cuda", marks=pytest.mark.cuda)])
@@ -1080,6 +1073,7 @@ def test_meta_train_window_follows_the_rule(model, device, _no_tf32, monkeypatch
     has a pre-ReLU value of 3e-9 in step 5, and the fused float32 result flips it). The seed
     below is one whose float64 reference keeps every pre-ReLU value of the window at least 1e-7
     away from zero; this is checked first."""
+    from benchmarks.cases import train_window_grads
     _on(device)
     seed = 5 if model == "resnet32" else 0
     smallest = []
@@ -1091,12 +1085,12 @@ def test_meta_train_window_follows_the_rule(model, device, _no_tf32, monkeypatch
         return h, c
 
     monkeypatch.setattr(reference, "lstm_cell", watched)
-    ref64 = _train_window_grads(model, "cpu", F64, "reference", seed=seed)
+    ref64 = train_window_grads(model, "cpu", F64, "reference", seed=seed)
     monkeypatch.setattr(reference, "lstm_cell", cell)
     if model == "resnet32":
         assert min(smallest) > 1e-7, f"seed {seed}: a pre-ReLU value {min(smallest):.1e} sits at the kink"
-    ref32 = _train_window_grads(model, device, F32, "reference", seed=seed)
-    fus32 = _train_window_grads(model, device, F32, "fused", seed=seed)
+    ref32 = train_window_grads(model, device, F32, "reference", seed=seed)
+    fus32 = train_window_grads(model, device, F32, "fused", seed=seed)
     assert set(fus32) == set(ref64)
     fam_f, fam_r = [], []
     for k in ref64:
