@@ -118,8 +118,11 @@ def parse_seeds(text: str) -> List[int]:
 
 def add_common_arguments(p: argparse.ArgumentParser, config_file: str, default_out: str) -> None:
     names = profile_names(config_file) or ["smoke", "quick", "paper"]
-    p.add_argument("--profile", choices=names, default="quick" if "quick" in names else names[0],
-                   help=f"size of the run (profiles in {os.path.basename(config_file)}; default %(default)s)")
+    # no argparse choices: a --config file may name its own profiles; resolve_profile checks the
+    # name against the file actually used and lists the valid ones
+    p.add_argument("--profile", default="quick" if "quick" in names else names[0], metavar="NAME",
+                   help=f"size of the run: {', '.join(names)} in {os.path.basename(config_file)}, or a "
+                        f"profile of --config FILE (default %(default)s)")
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="folder with torchvision's dataset layouts (default: $LRMT_DATA)")
     p.add_argument("--out", default=None, metavar="DIR", help=f"output folder (default: {default_out}/<profile>)")

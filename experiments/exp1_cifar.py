@@ -1,7 +1,7 @@
 """Experiment 1, CIFAR-5A -> CIFAR-5B (paper 5.2, Table 1 column 2, Figure 4 right), and the
 CIFAR pipeline shared with Experiments 2 and 3 (``exp2_cifar100.py``, ``exp3_unseen_init.py``).
 
-    lrmt exp1-cifar --profile {smoke,quick,paper} --data-root DIR --out DIR [--seeds N]
+    lrmt exp1-cifar --profile {smoke,quick,cpu,paper} --data-root DIR --out DIR [--seeds N]
                     [--resume] [--device cpu|cuda] [--impl reference|fused] [--cifar-check auto|md5|skip]
     torchrun --nproc_per_node 2 -m lrmt_fast exp1-cifar ...       (data-parallel meta-training)
     lrmt pretrain-cifar --data-root DIR                             (only the Task A checkpoint)
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import time
@@ -54,7 +55,8 @@ def add_cifar_arguments(p: argparse.ArgumentParser, config: str, default_out: st
                    help="Task A checkpoints (and Exp 3's pool), shared by the CIFAR experiments "
                         "(default: %(default)s)")
     p.add_argument("--taskA-ckpt", default=None, metavar="FILE",
-                   help="use (or write) the Task A checkpoint at FILE instead of the cache's")
+                   help="use (or write) the Task A checkpoint at FILE instead of the cache's (or the one "
+                        "committed under experiments/results/ for the same config and data)")
     p.add_argument("--dist-timeout", type=float, default=900.0, metavar="S",
                    help="under torchrun: seconds a collective may wait for a peer before the job stops "
                         "(default: %(default)s)")
@@ -110,14 +112,40 @@ def _log_for(sync) -> Callable:
     return print if is_main(sync) else (lambda *a, **k: None)
 
 
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def shipped_checkpoint(name: str) -> Optional[str]:
+    """A Task A checkpoint committed with the repository (``experiments/results/cifar5a_pretrain_*/``)
+    with the file name ``name``, i.e. the same config and data key; None if there is none."""
+    for d in sorted(glob.glob(os.path.join(SHIPPED, "cifar5a_pretrain_*"))):
+        path = os.path.join(d, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def task_a_path(args, task_a, pcfg) -> str:
+    """Where the Task A checkpoint is read (or written): ``--taskA-ckpt``, else the cache's file;
+    where the cache has neither it nor a partial pretraining, a committed checkpoint with the same
+    key (pretraining config and Task A data) is used instead of training again."""
+    from lrmt_fast.pretrain_cifar import default_path
+    if args.taskA_ckpt:
+        return args.taskA_ckpt
+    path = default_path(args.cache_dir, task_a, pcfg)
+    if not os.path.exists(path) and not os.path.exists(path + ".partial"):
+        return shipped_checkpoint(os.path.basename(path)) or path
+    return path
+
+
 def task_a_weights(args, cfg: Dict, task_a, sync, device: str, progress: bool, log: Callable):
     """(Task A state dict, info) identical on every rank: rank 0 loads (or, single-process,
     trains) the checkpoint and broadcasts it."""
     from lrmt_fast.distributed import DistSync, broadcast_object
-    from lrmt_fast.pretrain_cifar import CifarPretrainConfig, default_path, load_state, pretrain_cifar
+    from lrmt_fast.pretrain_cifar import CifarPretrainConfig, pretrain_cifar
 
     pcfg = common.dataclass_from(CifarPretrainConfig, cfg.get("pretrain"), "pretrain")
-    path = args.taskA_ckpt or default_path(args.cache_dir, task_a, pcfg)
+    path = task_a_path(args, task_a, pcfg)
     payload = None
     if getattr(sync, "rank", 0) == 0:
         if os.path.exists(path) or not isinstance(sync, DistSync):
@@ -405,7 +433,7 @@ class PretrainCommand:
 
     @staticmethod
     def run(args) -> int:
-        from lrmt_fast.pretrain_cifar import CifarPretrainConfig, default_path, pretrain_cifar
+        from lrmt_fast.pretrain_cifar import CifarPretrainConfig, pretrain_cifar
         cfg = common.resolve_profile(args.config or CONFIG, args.profile)
         device = common.pick_device(args.device)
         apply_precision(args, device)
@@ -413,7 +441,9 @@ class PretrainCommand:
         pcfg = common.dataclass_from(CifarPretrainConfig, cfg.get("pretrain"), "pretrain")
         if args.seed is not None:
             pcfg = dataclasses.replace(pcfg, seed=args.seed)
-        path = args.taskA_ckpt or default_path(args.cache_dir, task_a, pcfg)
+        path = task_a_path(args, task_a, pcfg)
         ck = pretrain_cifar(task_a, pcfg, path, device, not args.no_progress)
         print(f"{path}: CIFAR-5A test accuracy {ck['test_acc']:.2f}%")
+        if path.startswith(SHIPPED + os.sep):
+            print("(the checkpoint committed for this config and data; --taskA-ckpt FILE trains a new one)")
         return 0

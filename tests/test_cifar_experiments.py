@@ -155,6 +155,43 @@ def test_paper_profiles_hold_the_papers_settings():
         assert set(REQUIRED_METHODS) <= set(c["methods"]) and c["seeds"] == 5
 
 
+def test_committed_task_a_checkpoint_serves_the_profiles_with_its_config(tmp_path, monkeypatch):
+    """The committed CIFAR-5A checkpoint is the `paper` pretraining (its key from the profile's
+    config and the data fingerprint it recorded); exp1/exp2 `quick`, `cpu` and `paper` share that
+    config, so the drivers take it where the cache has none (task_a_path)."""
+    from argparse import Namespace
+
+    import experiments.exp1_cifar as E
+    import lrmt_fast.pretrain_cifar as P
+    from experiments.common import dataclass_from, resolve_profile
+    ck = torch.load(os.path.join(E.SHIPPED, "cifar5a_pretrain_paper", "cifar5a-a713399545b1.pt"),
+                    map_location="cpu", weights_only=False)
+    for exp, names in (("exp1_cifar", ("paper", "quick", "cpu")), ("exp2_cifar100", ("paper", "quick"))):
+        for name in names:
+            cfg = resolve_profile(os.path.join(ROOT, f"experiments/configs/{exp}.json"), name)
+            pcfg = dataclass_from(P.CifarPretrainConfig, cfg["pretrain"], "pretrain")
+            assert P.cache_key(pcfg, ck["data_fp"]) == ck["key"] == "a713399545b1", (exp, name)
+    assert ck["test_acc"] > 91.0
+    # the lookup: --taskA-ckpt first, then the cache (finished or partial), then the committed file
+    name = "cifar5a-0123456789ab.pt"
+    shipped = tmp_path / "results" / "cifar5a_pretrain_x"
+    shipped.mkdir(parents=True)
+    monkeypatch.setattr(E, "SHIPPED", str(tmp_path / "results"))
+    monkeypatch.setattr(P, "default_path", lambda cache_dir, task, cfg: os.path.join(cache_dir, name))
+    cache = tmp_path / "cache"
+    args = Namespace(taskA_ckpt=None, cache_dir=str(cache))
+    assert E.task_a_path(args, None, None) == str(cache / name)          # nothing committed: train into the cache
+    (shipped / name).write_bytes(b"x")
+    assert E.task_a_path(args, None, None) == str(shipped / name)
+    cache.mkdir()
+    (cache / (name + ".partial")).write_bytes(b"x")
+    assert E.task_a_path(args, None, None) == str(cache / name)          # a started pretraining goes on
+    os.remove(cache / (name + ".partial"))
+    (cache / name).write_bytes(b"x")
+    assert E.task_a_path(args, None, None) == str(cache / name)
+    assert E.task_a_path(Namespace(taskA_ckpt="mine.pt", cache_dir=str(cache)), None, None) == "mine.pt"
+
+
 def test_data_errors_are_one_line(env, tmp_path, capsys):
     rc = main(["exp1-cifar", "--profile", "smoke", "--data-root", str(tmp_path / "nothing"), "--out",
                str(tmp_path / "o"), "--device", "cpu", "--no-progress", "--no-download"])
