@@ -1,0 +1,152 @@
+"""Is plain SGD at the profile's learning rate stable on the CIFAR Task A network?
+
+In the CIFAR experiments the students, the multi-task teacher and the meta-learner's student
+take plain SGD steps (no momentum) at the profile's ``metatrain.lr`` / ``metatest.lr`` (the
+paper: 0.1). Gradient descent on a loss is stable near a minimum only while
+``lr < 2 / lambda_max``, with ``lambda_max`` the top eigenvalue of the loss's Hessian (its
+sharpness). This measures, on the Task A checkpoint the profile uses:
+
+- ``lambda_max`` of Task A's cross-entropy on a fixed batch of CIFAR-5A training images (no
+  augmentation), by power iteration on Hessian-vector products, and the largest stable
+  plain-SGD learning rate ``2 / lambda_max``;
+- Task A's cross-entropy on that batch after each of ``--steps`` teacher steps (multi-task SGD
+  on 64 Task A + 64 Task B images with a fresh ``head_b``, as in meta-training and the
+  "Teacher" baseline), for every learning rate of ``--lrs``: a stable rate keeps it near its
+  start, an unstable one makes it jump within a few steps.
+
+    python -m experiments.cifar_stability_check --data-root data [--profile cpu]
+        [--taskA-ckpt FILE] [--lrs 0.1,0.03,0.01] [--steps 8] [--out FILE]
+
+docs/cifar.md ("Stability of lr 0.1 on the Task A network") reports what it shows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Callable, Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def top_hessian_eigenvalue(loss_fn: Callable[[List[Tensor]], Tensor], params: Sequence[Tensor], iters: int = 20,
+                           seed: int = 0) -> float:
+    """The eigenvalue of largest magnitude of the Hessian of ``loss_fn(params)`` with respect to
+    ``params`` (power iteration on Hessian-vector products from a seeded random start; the
+    Rayleigh quotient of the last iterate)."""
+    ps = [p.detach().clone().requires_grad_(True) for p in params]
+    grads = torch.autograd.grad(loss_fn(ps), ps, create_graph=True)
+    g = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) for p in ps]
+    norm = torch.sqrt(sum((x * x).sum() for x in v))
+    v = [x / norm for x in v]
+    lam = 0.0
+    for _ in range(iters):
+        hv = torch.autograd.grad(grads, ps, v, retain_graph=True)
+        lam = float(sum((a * b).sum() for a, b in zip(hv, v)))
+        norm = torch.sqrt(sum((x * x).sum() for x in hv))
+        if float(norm) == 0.0:
+            return 0.0
+        v = [x / norm for x in hv]
+    return lam
+
+
+def task_a_loss(model, params: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    from lrmt_fast.metatrain import features
+    z = features(model, params, x)
+    return F.cross_entropy(F.linear(z, params["head_a.weight"], params.get("head_a.bias")), y)
+
+
+def teacher_run(model, w0: Dict[str, Tensor], a_batches, b_batches, probe, lr: float, seed: int = 0) -> List[float]:
+    """Task A's loss on ``probe = (x, y)`` after each teacher step on the paired batches."""
+    from lrmt_fast.metatrain import teacher_sgd_step
+    from lrmt_fast.pretrain import fresh_head_b
+    p = fresh_head_b(w0, torch.Generator().manual_seed(1000 + seed))
+    out = []
+    for (xa, ya), (xb, yb) in zip(a_batches, b_batches):
+        p = teacher_sgd_step(model, p, xa, ya, xb, yb, lr)
+        with torch.no_grad():
+            out.append(float(task_a_loss(model, p, *probe)))
+    return out
+
+
+def check(model, w0: Dict[str, Tensor], task_a, task_b, lrs: Sequence[float], steps: int = 8, batch: int = 128,
+          iters: int = 20, seed: int = 0) -> Dict:
+    """The measurements above on normalised tasks (``TaskData``); returns a JSON-able dict."""
+    g = torch.Generator().manual_seed(seed)
+    dev = next(iter(w0.values())).device
+    idx = torch.randperm(task_a.train_x.shape[0], generator=g)[:batch].to(dev)
+    probe = (task_a.train_x[idx], task_a.train_y[idx])
+    keys = [k for k in w0 if not k.startswith("head_b")]
+
+    def loss_of(ps):
+        p = dict(w0)
+        p.update(zip(keys, ps))
+        return task_a_loss(model, p, *probe)
+
+    lam = top_hessian_eigenvalue(loss_of, [w0[k] for k in keys], iters=iters, seed=seed)
+    a_batches, b_batches = [], []
+    for _ in range(steps):
+        ia = torch.randint(0, task_a.train_x.shape[0], (64,), generator=g).to(dev)
+        ib = torch.randint(0, task_b.train_x.shape[0], (64,), generator=g).to(dev)
+        a_batches.append((task_a.train_x[ia], task_a.train_y[ia]))
+        b_batches.append((task_b.train_x[ib], task_b.train_y[ib]))
+    with torch.no_grad():
+        start = float(task_a_loss(model, w0, *probe))
+    runs = {str(lr): teacher_run(model, w0, a_batches, b_batches, probe, float(lr), seed) for lr in lrs}
+    return {"batch": batch, "power_iterations": iters, "task_a_loss": start, "lambda_max": lam,
+            "max_stable_lr": (2.0 / lam) if lam > 0 else None, "teacher_task_a_loss": runs}
+
+
+def main(argv=None) -> int:
+    from experiments import common
+    from experiments import exp1_cifar as E
+    from lrmt_fast.data.cifar import cifar5b, to_task_data
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--profile", default="cpu", help="exp1_cifar.json profile whose Task A is checked (default cpu)")
+    p.add_argument("--config", default=None, metavar="FILE")
+    p.add_argument("--cache-dir", default=E.DEFAULT_CACHE)
+    p.add_argument("--taskA-ckpt", default=None)
+    p.add_argument("--cifar-check", choices=["auto", "md5", "skip"], default="auto")
+    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the profile's, /3, /10)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--iters", type=int, default=20, help="power iterations")
+    p.add_argument("--out", default=None, help="JSON output (default: print only)")
+    args = p.parse_args(argv)
+
+    cfg = common.resolve_profile(args.config or E.CONFIG, args.profile)
+    device = common.pick_device(args.device)
+    task_a = E.load_task_a(args, cfg)
+    state, info, pcfg = E.task_a_weights(args, cfg, task_a, None, device, True, print)
+    model = E.build_model(pcfg, state, device)
+    w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    lr = float((cfg.get("metatest") or {}).get("lr", 0.1))
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [lr, lr / 3, lr / 10]
+    d = cfg.get("data", {})
+    task_b = E._subset(cifar5b(E.source(args)), d.get("max_train"), d.get("max_test"), int(d.get("split_seed", 0)) + 7)
+    ta, tb = to_task_data(task_a).to(device), to_task_data(task_b).to(device)
+    res = check(model, w0, ta, tb, lrs, steps=args.steps, batch=args.batch, iters=args.iters)
+    res.update(profile=args.profile, task_a_checkpoint=info["path"], task_a_test_acc=info["test_acc"])
+    print(f"Task A checkpoint {info['path']} ({info['test_acc']:.2f}% test)")
+    print(f"Task A cross-entropy on {args.batch} training images: {res['task_a_loss']:.4f}; "
+          f"lambda_max of its Hessian ~ {res['lambda_max']:.1f}: plain SGD is stable for lr < {res['max_stable_lr']:.4f}")
+    for k, v in res["teacher_task_a_loss"].items():
+        print(f"teacher at lr {k}: Task A loss after each step {[round(x, 3) for x in v]}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""experiments/cifar_stability_check.py: the Hessian's top eigenvalue against exact ones, and the
+command end to end on a tiny CIFAR-shaped dataset."""
+import json
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from experiments.cifar_stability_check import main, top_hessian_eigenvalue
+from lrmt_fast.data import cifar
+
+
+def test_power_iteration_finds_the_largest_magnitude_eigenvalue_of_a_quadratic():
+    for d, want in (([1.0, 3.0, 7.0], 7.0), ([-9.0, 2.0, 0.5], -9.0)):
+        diag = torch.tensor(d, dtype=torch.float64)
+        lam = top_hessian_eigenvalue(lambda ps: 0.5 * (diag * ps[0] ** 2).sum() + (ps[0] * 0.3).sum(),
+                                     [torch.ones(3, dtype=torch.float64)], iters=200)
+        assert lam == pytest.approx(want, rel=1e-6)
+
+
+def test_power_iteration_matches_the_exact_hessian_of_softmax_regression():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (40,), generator=g)
+    w = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(4, generator=g, dtype=torch.float64)
+
+    def loss(ps):
+        return F.cross_entropy(x @ ps[0].T + ps[1], y)
+
+    flat = torch.cat([w.reshape(-1), b])
+    h = torch.autograd.functional.hessian(lambda f: loss([f[:24].view(4, 6), f[24:]]), flat)
+    exact = float(torch.linalg.eigvalsh(h).max())     # convex: the largest eigenvalue is the largest in magnitude
+    assert top_hessian_eigenvalue(loss, [w, b], iters=300) == pytest.approx(exact, rel=1e-5)
+
+
+def test_command_on_tiny_cifar(tmp_path, capsys):
+    data = str(tmp_path / "data")
+    cifar.write_tiny_cifar(data, n_train_per_class=6, n_test_per_class=2, seed=3)
+    out = tmp_path / "check.json"
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(["--data-root", data, "--profile", "smoke", "--cache-dir", str(tmp_path / "cache"),
+                   "--no-download", "--lrs", "0.1,1e-4", "--steps", "3", "--batch", "16", "--iters", "10",
+                   "--out", str(out)])
+    cifar.clear_cache()
+    assert rc == 0
+    res = json.loads(out.read_text())
+    lam = res["lambda_max"]
+    assert math.isfinite(lam) and lam > 0 and res["max_stable_lr"] == pytest.approx(2.0 / lam)
+    assert set(res["teacher_task_a_loss"]) == {"0.1", "0.0001"}
+    assert all(len(v) == 3 for v in res["teacher_task_a_loss"].values())
+    # a step far below 2/lambda barely moves Task A's loss
+    assert all(abs(v - res["task_a_loss"]) < 0.05 * res["task_a_loss"] + 1e-3
+               for v in res["teacher_task_a_loss"]["0.0001"])
+    assert "plain SGD is stable for lr <" in capsys.readouterr().out
