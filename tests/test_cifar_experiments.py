@@ -166,7 +166,8 @@ def test_committed_task_a_checkpoint_serves_the_profiles_with_its_config(tmp_pat
     from experiments.common import dataclass_from, resolve_profile
     ck = torch.load(os.path.join(E.SHIPPED, "cifar5a_pretrain_paper", "cifar5a-a713399545b1.pt"),
                     map_location="cpu", weights_only=False)
-    for exp, names in (("exp1_cifar", ("paper", "quick", "cpu")), ("exp2_cifar100", ("paper", "quick"))):
+    for exp, names in (("exp1_cifar", ("paper", "quick", "cpu", "cpu_lr0.03")),
+                       ("exp2_cifar100", ("paper", "quick", "cpu"))):
         for name in names:
             cfg = resolve_profile(os.path.join(ROOT, f"experiments/configs/{exp}.json"), name)
             pcfg = dataclass_from(P.CifarPretrainConfig, cfg["pretrain"], "pretrain")
