@@ -55,9 +55,8 @@ def top_hessian_eigenvalue(loss_fn: Callable[[List[Tensor]], Tensor], params: Se
 
 
 def task_a_loss(model, params: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-    from lrmt_fast.metatrain import features
-    z = features(model, params, x)
-    return F.cross_entropy(F.linear(z, params["head_a.weight"], params.get("head_a.bias")), y)
+    from lrmt_fast.student import logits
+    return F.cross_entropy(logits(model, params, x, "a"), y)
 
 
 def teacher_run(model, w0: Dict[str, Tensor], a_batches, b_batches, probe, lr: float, seed: int = 0) -> List[float]:
@@ -104,7 +103,7 @@ def check(model, w0: Dict[str, Tensor], task_a, task_b, lrs: Sequence[float], st
 def main(argv=None) -> int:
     from experiments import common
     from experiments import exp1_cifar as E
-    from lrmt_fast.data.cifar import cifar5b, to_task_data
+    from lrmt_fast.data.cifar import to_task_data
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default=None)
@@ -130,9 +129,7 @@ def main(argv=None) -> int:
     w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
     lr = float((cfg.get("metatest") or {}).get("lr", 0.1))
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [lr, lr / 3, lr / 10]
-    d = cfg.get("data", {})
-    task_b = E._subset(cifar5b(E.source(args)), d.get("max_train"), d.get("max_test"), int(d.get("split_seed", 0)) + 7)
-    ta, tb = to_task_data(task_a).to(device), to_task_data(task_b).to(device)
+    ta, tb = to_task_data(task_a).to(device), to_task_data(E.load_task_b(args, cfg)).to(device)
     res = check(model, w0, ta, tb, lrs, steps=args.steps, batch=args.batch, iters=args.iters)
     res.update(profile=args.profile, task_a_checkpoint=info["path"], task_a_test_acc=info["test_acc"])
     print(f"Task A checkpoint {info['path']} ({info['test_acc']:.2f}% test)")

@@ -107,6 +107,13 @@ def load_task_a(args, cfg: Dict):
     return _subset(cifar5a(source(args)), d.get("max_train"), d.get("max_test"), d.get("split_seed", 0))
 
 
+def load_task_b(args, cfg: Dict):
+    """CIFAR-5B (the profile's subset), before its D_B1 / D_B2 split."""
+    from lrmt_fast.data.cifar import cifar5b
+    d = cfg.get("data", {})
+    return _subset(cifar5b(source(args)), d.get("max_train"), d.get("max_test"), int(d.get("split_seed", 0)) + 7)
+
+
 def _log_for(sync) -> Callable:
     from lrmt_fast.distributed import is_main
     return print if is_main(sync) else (lambda *a, **k: None)
@@ -364,7 +371,7 @@ def setup(args, config_path: str, default_out: str):
 
 # --------------------------------------------------------------------------- Exp 1
 def run(args: argparse.Namespace) -> int:
-    from lrmt_fast.data.cifar import CifarTaskStream, cifar5b, even_split, split_b, to_task_data
+    from lrmt_fast.data.cifar import CifarTaskStream, even_split, split_b, to_task_data
     from lrmt_fast.data.tasks import TwoTasks, fingerprint
     from lrmt_fast.distributed import shutdown
     from lrmt_fast.evaluate import MetaTestConfig
@@ -377,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
         d = cfg.get("data", {})
         split_seed = int(d.get("split_seed", 0))
         task_a = load_task_a(args, cfg)
-        task_b = _subset(cifar5b(source(args)), d.get("max_train"), d.get("max_test"), split_seed + 7)
+        task_b = load_task_b(args, cfg)
         b1, b2 = split_b(task_b, split_seed)
         mtest = common.dataclass_from(MetaTestConfig, cfg.get("metatest"), "metatest")
         rcfg = common.dataclass_from(ReadoutConfig, cfg.get("readout"), "readout")
