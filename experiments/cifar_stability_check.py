@@ -12,10 +12,17 @@ sharpness). This measures, on the Task A checkpoint the profile uses:
 - Task A's cross-entropy on that batch after each of ``--steps`` teacher steps (multi-task SGD
   on 64 Task A + 64 Task B images with a fresh ``head_b``, as in meta-training and the
   "Teacher" baseline), for every learning rate of ``--lrs``: a stable rate keeps it near its
-  start, an unstable one makes it jump within a few steps.
+  start, an unstable one makes it jump within a few steps;
+- with ``--episodes E`` (> 0), for every learning rate, Algorithm 1's meta-training loss
+  ``loss_coef * Huber(h_student, h_teacher)`` over ``--curriculum-steps`` steps of E episodes
+  of the profile's meta-training stream (:func:`experiments.curriculum_check.rollout`) for two
+  students, ``freeze`` (the Task A trunk; it measures how far the teacher moves) and ``sgd``
+  (a freshly initialised meta-learner, i.e. plain SGD on Task B), and the step at which the
+  first curriculum threshold would end each episode: the episode lengths meta-training can
+  start from.
 
     python -m experiments.cifar_stability_check --data-root data [--profile cpu]
-        [--taskA-ckpt FILE] [--lrs 0.1,0.03,0.01] [--steps 8] [--out FILE]
+        [--taskA-ckpt FILE] [--lrs 0.1,0.03,0.01] [--steps 8] [--episodes 4] [--out FILE]
 
 docs/cifar.md ("Stability of lr 0.1 on the Task A network") reports what it shows.
 """
@@ -100,6 +107,27 @@ def check(model, w0: Dict[str, Tensor], task_a, task_b, lrs: Sequence[float], st
             "max_stable_lr": (2.0 / lam) if lam > 0 else None, "teacher_task_a_loss": runs}
 
 
+def curriculum(model, stream, mcfg, lrs: Sequence[float], episodes: int, steps: int, seed: int = 1) -> Dict:
+    """Per learning rate: the mean meta-training loss per step of the ``freeze`` and ``sgd``
+    students over ``episodes`` episodes, and the step at which each episode would end under the
+    first curriculum threshold (None: it would not end within ``steps``)."""
+    import dataclasses
+    from experiments.curriculum_check import first_over, rollout
+    from lrmt_fast.metatrain import build_meta_learner
+    sgd = build_meta_learner(model, mcfg.hidden, mcfg.hidden_gn).to(next(model.parameters()).device)
+    sgd.requires_grad_(False)
+    out = {}
+    for lr in lrs:
+        c = dataclasses.replace(mcfg, lr=float(lr))
+        per_ep = [rollout(model, {"sgd": sgd}, stream, e, steps, c, seed) for e in range(episodes)]
+        names = list(per_ep[0])
+        out[str(lr)] = {
+            "mean_loss_per_step": {n: [sum(ep[n][t] for ep in per_ep) / episodes for t in range(steps)] for n in names},
+            "episode_end_step": {n: [first_over(ep[n], mcfg.thresh_start) for ep in per_ep] for n in names}}
+    return {"threshold": mcfg.thresh_start, "loss_coef": mcfg.loss_coef, "episodes": episodes, "steps": steps,
+            "by_lr": out}
+
+
 def main(argv=None) -> int:
     from experiments import common
     from experiments import exp1_cifar as E
@@ -118,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--iters", type=int, default=20, help="power iterations")
+    p.add_argument("--episodes", type=int, default=0, help="meta-training episodes rolled out per lr (0: none)")
+    p.add_argument("--curriculum-steps", type=int, default=20, help="steps of each rolled-out episode")
     p.add_argument("--out", default=None, help="JSON output (default: print only)")
     args = p.parse_args(argv)
 
@@ -131,12 +161,26 @@ def main(argv=None) -> int:
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [lr, lr / 3, lr / 10]
     ta, tb = to_task_data(task_a).to(device), to_task_data(E.load_task_b(args, cfg)).to(device)
     res = check(model, w0, ta, tb, lrs, steps=args.steps, batch=args.batch, iters=args.iters)
+    if args.episodes > 0:
+        from lrmt_fast.data.cifar import CifarTaskStream, split_b
+        from lrmt_fast.metatrain import MetaTrainConfig
+        mcfg = MetaTrainConfig.from_dict(cfg.get("metatrain") or {})
+        b1, _ = split_b(E.load_task_b(args, cfg), int(cfg.get("data", {}).get("split_seed", 0)))
+        stream = CifarTaskStream([w0], (task_a.train_x, task_a.train_y), (b1.train_x, b1.train_y),
+                                 mcfg.batch_a, mcfg.batch_b, device)
+        res["curriculum"] = curriculum(model, stream, mcfg, lrs, args.episodes, args.curriculum_steps)
     res.update(profile=args.profile, task_a_checkpoint=info["path"], task_a_test_acc=info["test_acc"])
     print(f"Task A checkpoint {info['path']} ({info['test_acc']:.2f}% test)")
     print(f"Task A cross-entropy on {args.batch} training images: {res['task_a_loss']:.4f}; "
           f"lambda_max of its Hessian ~ {res['lambda_max']:.1f}: plain SGD is stable for lr < {res['max_stable_lr']:.4f}")
     for k, v in res["teacher_task_a_loss"].items():
         print(f"teacher at lr {k}: Task A loss after each step {[round(x, 3) for x in v]}")
+    cur = res.get("curriculum")
+    for k, v in (cur or {}).get("by_lr", {}).items():
+        for n, curve in v["mean_loss_per_step"].items():
+            print(f"lr {k}, student {n}: meta-training loss per step (mean of {cur['episodes']}) "
+                  f"{[round(x, 1) for x in curve]}; episodes end (threshold {cur['threshold']:g}) at step "
+                  f"{v['episode_end_step'][n]}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

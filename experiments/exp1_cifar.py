@@ -132,17 +132,30 @@ def shipped_checkpoint(name: str) -> Optional[str]:
     return None
 
 
-def task_a_path(args, task_a, pcfg) -> str:
-    """Where the Task A checkpoint is read (or written): ``--taskA-ckpt``, else the cache's file;
-    where the cache has neither it nor a partial pretraining, a committed checkpoint with the same
-    key (pretraining config and Task A data) is used instead of training again."""
+def _cached_or_shipped(args, task_a, pcfg) -> str:
     from lrmt_fast.pretrain_cifar import default_path
-    if args.taskA_ckpt:
-        return args.taskA_ckpt
     path = default_path(args.cache_dir, task_a, pcfg)
     if not os.path.exists(path) and not os.path.exists(path + ".partial"):
         return shipped_checkpoint(os.path.basename(path)) or path
     return path
+
+
+def task_a_path(args, task_a, pcfg) -> str:
+    """Where the Task A checkpoint is read (or written): ``--taskA-ckpt``, else the cache's file;
+    where the cache has neither it nor a partial pretraining, a committed checkpoint with the same
+    key (pretraining config and Task A data) is used instead of training again."""
+    if args.taskA_ckpt:
+        return args.taskA_ckpt
+    return _cached_or_shipped(args, task_a, pcfg)
+
+
+def base_task_a_path(args, task_a, pcfg) -> Optional[str]:
+    """Where the checkpoint a finish phase starts from is read or written (the same lookup as
+    :func:`task_a_path` for the config without the finish phase); None without a finish phase."""
+    from lrmt_fast.pretrain_cifar import base_config
+    if pcfg.finish_epochs <= 0:
+        return None
+    return _cached_or_shipped(args, task_a, base_config(pcfg))
 
 
 def task_a_weights(args, cfg: Dict, task_a, sync, device: str, progress: bool, log: Callable):
@@ -157,7 +170,8 @@ def task_a_weights(args, cfg: Dict, task_a, sync, device: str, progress: bool, l
     if getattr(sync, "rank", 0) == 0:
         if os.path.exists(path) or not isinstance(sync, DistSync):
             cached = os.path.exists(path)
-            ck = pretrain_cifar(task_a, pcfg, path, device, progress, log)
+            ck = pretrain_cifar(task_a, pcfg, path, device, progress, log,
+                                base_path=base_task_a_path(args, task_a, pcfg))
             if cached:
                 log(f"task A: reusing {path} (test accuracy {ck['test_acc']:.2f}%)")
             payload = {"state": ck["state_dict"], "info": {"path": path, "key": ck["key"],
@@ -449,7 +463,11 @@ class PretrainCommand:
         if args.seed is not None:
             pcfg = dataclasses.replace(pcfg, seed=args.seed)
         path = task_a_path(args, task_a, pcfg)
-        ck = pretrain_cifar(task_a, pcfg, path, device, not args.no_progress)
+        ck = pretrain_cifar(task_a, pcfg, path, device, not args.no_progress,
+                            base_path=base_task_a_path(args, task_a, pcfg))
+        if "base" in ck:
+            print(f"{ck['base']['path']}: CIFAR-5A test accuracy {ck['base']['test_acc']:.2f}% "
+                  f"(before the finish phase)")
         print(f"{path}: CIFAR-5A test accuracy {ck['test_acc']:.2f}%")
         if path.startswith(SHIPPED + os.sep):
             print("(the checkpoint committed for this config and data; --taskA-ckpt FILE trains a new one)")

@@ -10,6 +10,11 @@ augmentation (random 32x32 crop of the 4-pixel zero-padded image, horizontal
 flip), standard CIFAR normalisation. Only the trunk and ``head_a`` are trained;
 ``head_b`` stays the seeded untrained head (each episode / run redraws it).
 
+An optional finish phase (``finish_epochs``, off by default) continues the finished network with
+plain SGD at a constant learning rate (default the students' 0.1) so that it ends where that
+rate is stable (docs/cifar.md, "Stability of lr 0.1"); it starts from the cached checkpoint of
+the config without it.
+
 Checkpoints are written atomically, in the format of :mod:`lrmt_fast.pretrain`
 (``kind='lrmt_taskA'``, ``key``, ``config``, ``state_dict``, ``test_acc``,
 ``history``), and are resumable: ``<path>.partial`` holds the model, optimiser
@@ -63,6 +68,18 @@ class CifarPretrainConfig:
     # every residual block at 0, so that every block is the identity at initialisation.
     warmup_epochs: float = 0.0
     zero_init_residual: bool = False
+    # The finish phase (docs/cifar.md, "Stability of lr 0.1"): after the schedule above has ended,
+    # ``finish_epochs`` more epochs of SGD at the constant ``finish_lr`` (ramped linearly from 0 over
+    # ``finish_warmup_epochs``) with ``finish_momentum`` / ``finish_weight_decay``; the default, plain
+    # SGD at 0.1, is how the students, the teacher and the meta-learner's student train. It starts
+    # from the checkpoint of the same config without it (trained first if absent, reused if cached),
+    # so adding it costs only its own epochs. Off (0 epochs) by default; then these fields are left
+    # out of the cache key, which stays the key of the config without them.
+    finish_epochs: float = 0.0
+    finish_lr: float = 0.1
+    finish_momentum: float = 0.0
+    finish_weight_decay: float = 0.0
+    finish_warmup_epochs: float = 1.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "CifarPretrainConfig":
@@ -71,6 +88,15 @@ class CifarPretrainConfig:
         if unknown:
             raise ValueError(f"unknown CIFAR pretraining option(s) {unknown}")
         return cls(**d)
+
+
+FINISH_FIELDS = ("finish_epochs", "finish_lr", "finish_momentum", "finish_weight_decay", "finish_warmup_epochs")
+
+
+def base_config(cfg: CifarPretrainConfig) -> CifarPretrainConfig:
+    """``cfg`` without its finish phase: the config of the checkpoint the finish phase starts from."""
+    defaults = {f.name: f.default for f in dataclasses.fields(CifarPretrainConfig) if f.name in FINISH_FIELDS}
+    return dataclasses.replace(cfg, **defaults)
 
 
 def warmup_steps(cfg: CifarPretrainConfig, total: int) -> int:
@@ -101,7 +127,11 @@ def data_fingerprint(task: Task) -> str:
 
 
 def cache_key(cfg: CifarPretrainConfig, data_fp: str) -> str:
-    blob = json.dumps({"cfg": dataclasses.asdict(cfg), "data": data_fp, "kind": "cifar"}, sort_keys=True)
+    d = dataclasses.asdict(cfg)
+    if cfg.finish_epochs <= 0:           # no finish phase: the key of the config without its fields
+        for k in FINISH_FIELDS:
+            d.pop(k)
+    blob = json.dumps({"cfg": d, "data": data_fp, "kind": "cifar"}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -162,11 +192,14 @@ def _train_subset(task: Task, cfg: CifarPretrainConfig) -> Tuple[Tensor, Tensor]
 
 def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu", progress: bool = True,
                    log: Callable[[str], None] = print, num_classes_b: int = 5,
-                   stop_after_epoch: Optional[int] = None) -> Dict:
+                   stop_after_epoch: Optional[int] = None, base_path: Optional[str] = None) -> Dict:
     """Train (or resume, or reuse) the Task A checkpoint at ``path``; returns its dict.
 
-    ``stop_after_epoch`` ends the call after that many epochs in total (leaving the
-    ``.partial`` file): for tests of the resume path and for time-boxed jobs.
+    With a finish phase (``cfg.finish_epochs > 0``) the checkpoint of ``base_config(cfg)`` at
+    ``base_path`` (default: its cache name beside ``path``) is reused, or trained first, and the
+    finish phase starts from it; the result records it under ``"base"``.
+    ``stop_after_epoch`` ends the call after that many epochs in total of the phase it is training
+    (leaving the ``.partial`` file): for tests of the resume path and for time-boxed jobs.
     """
     data_fp = data_fingerprint(task)
     key = cache_key(cfg, data_fp)
@@ -176,16 +209,40 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
             raise CheckpointError(f"CIFAR Task A checkpoint {path} has key {ck['key']}, expected {key} "
                                   f"(another config or data); delete it or choose another path")
         return ck
+    finish = cfg.finish_epochs > 0
+    base = None
+    if finish:
+        bcfg = base_config(cfg)
+        base_path = base_path or default_path(os.path.dirname(path) or ".", task, bcfg)
+        base = pretrain_cifar(task, bcfg, base_path, device, progress, log, num_classes_b, stop_after_epoch)
+        if base.get("partial"):
+            return base
     model = make_model(cfg, task.num_classes, num_classes_b).to(device)
     train_params = [p for n, p in model.named_parameters() if not n.startswith("head_b.")]
-    opt = torch.optim.SGD(train_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
     xtr, ytr = _train_subset(task, cfg)
     xtr, ytr = xtr.to(device), ytr.to(device)
     n = xtr.shape[0]
     steps_per_epoch = max(1, n // cfg.batch)        # drop the last partial batch
-    n_epochs = max(1, int(math.ceil(cfg.epochs)))
-    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    epochs = cfg.finish_epochs if finish else cfg.epochs
+    n_epochs = max(1, int(math.ceil(epochs)))
+    total = max(1, int(round(epochs * steps_per_epoch)))
+    if finish:
+        model.load_state_dict(base["state_dict"])
+        opt = torch.optim.SGD(train_params, lr=cfg.finish_lr, momentum=cfg.finish_momentum,
+                              weight_decay=cfg.finish_weight_decay)
+        gen = torch.Generator().manual_seed(cfg.seed + 2)
+        warm = int(round(cfg.finish_warmup_epochs * steps_per_epoch))
+
+        def lr_of(s: int) -> float:
+            return cfg.finish_lr * min(1.0, (s + 1) / warm) if warm > 0 else cfg.finish_lr
+        what = f"finish 5A seed {cfg.seed} (lr {cfg.finish_lr:g})"
+    else:
+        opt = torch.optim.SGD(train_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+        def lr_of(s: int) -> float:
+            return lr_at(cfg, s, total)
+        what = f"pretrain 5A seed {cfg.seed}"
     epoch, step, history = 0, 0, []
     partial = path + ".partial"
     if os.path.exists(partial):
@@ -202,8 +259,7 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=step, desc=f"pretrain 5A seed {cfg.seed}", unit="step",
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(total=total, initial=step, desc=what, unit="step", dynamic_ncols=True, leave=False)
     model.train()
     while step < total:
         perm = torch.randperm(n, generator=gen)
@@ -216,7 +272,7 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
             if cfg.augment:
                 xb = augment(xb, gen)
             for gparam in opt.param_groups:
-                gparam["lr"] = lr_at(cfg, step, total)
+                gparam["lr"] = lr_of(step)
             loss = F.cross_entropy(model(normalize(xb), "a"), ytr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -246,29 +302,20 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
     ck = {"kind": "lrmt_taskA", "key": key, "config": dataclasses.asdict(cfg), "data_fp": data_fp,
           "task": task.name, "classes": list(task.classes), "state_dict": sd,
           "test_acc": history[-1]["test_acc"], "history": history, "steps": total}
+    if finish:
+        ck["base"] = {"key": base["key"], "path": base_path, "test_acc": base["test_acc"],
+                      "history": base.get("history", [])}
     atomic_save(ck, path)
     if os.path.exists(partial):
         os.remove(partial)
-    log(f"pretrain-cifar: {task.name} seed {cfg.seed}: {total} steps, test accuracy "
-        f"{ck['test_acc']:.2f}% -> {path}")
+    log(f"pretrain-cifar: {task.name} seed {cfg.seed}: {total} steps"
+        + (f" of the finish phase from {base_path} ({base['test_acc']:.2f}%)" if finish else "")
+        + f", test accuracy {ck['test_acc']:.2f}% -> {path}")
     return ck
 
 
 def default_path(cache_dir: str, task: Task, cfg: CifarPretrainConfig) -> str:
     return os.path.join(cache_dir, f"cifar5a-{cache_key(cfg, data_fingerprint(task))}.pt")
-
-
-def load_or_pretrain_cifar(cache_dir: str, task: Task, cfg: CifarPretrainConfig, device="cpu",
-                           progress: bool = True, log=print, path: Optional[str] = None):
-    """(model with the Task A weights, info) from the cache, training it first when absent."""
-    path = path or default_path(cache_dir, task, cfg)
-    cached = os.path.exists(path)
-    ck = pretrain_cifar(task, cfg, path, device, progress, log)
-    if cached:
-        log(f"task A: reusing {path} (test accuracy {ck['test_acc']:.2f}%)")
-    model = make_model(cfg, task.num_classes)
-    model.load_state_dict(ck["state_dict"])
-    return model.to(device), {"path": path, "key": ck["key"], "test_acc": ck["test_acc"], "cached": cached}
 
 
 def load_state(path: str) -> Dict[str, Tensor]:

@@ -1,5 +1,8 @@
 """CIFAR data: loading through torchvision's layout, the integrity policy, task splits,
 per-episode class draws, augmentation, and resumable pretraining (tiny data the test writes)."""
+import dataclasses
+import hashlib
+import json
 import os
 import warnings
 
@@ -182,6 +185,67 @@ def test_pretrain_resumes_exactly_and_is_cached(src, tmp_path):
     assert again["key"] == done["key"]
     with pytest.raises(CheckpointError, match="another config"):
         P.pretrain_cifar(a, P.CifarPretrainConfig(**{**TINY, "lr": 0.01}), part, progress=False)
+
+
+def test_finish_phase_starts_from_the_base_checkpoint(src, tmp_path):
+    """The finish phase reuses the checkpoint of the config without it (trained first when absent),
+    trains only its own epochs at its own constant rate, resumes exactly, and has its own key; a
+    config without it keeps the key it had before the fields existed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = cifar.cifar5a(src)
+    base_cfg = P.CifarPretrainConfig(**{**TINY, "epochs": 1})
+    cfg = P.CifarPretrainConfig(**{**TINY, "epochs": 1, "finish_epochs": 2, "finish_lr": 0.02,
+                                   "finish_warmup_epochs": 0.5})
+    assert P.base_config(cfg) == base_cfg
+    fp = P.data_fingerprint(a)
+    assert P.cache_key(cfg, fp) != P.cache_key(base_cfg, fp)
+    # the key of a config without a finish phase ignores the finish fields (old keys stay valid)
+    assert P.cache_key(dataclasses.replace(base_cfg, finish_lr=0.5), fp) == P.cache_key(base_cfg, fp)
+    blob = json.dumps({"cfg": {k: v for k, v in dataclasses.asdict(base_cfg).items() if not k.startswith("finish_")},
+                       "data": fp, "kind": "cifar"}, sort_keys=True)
+    assert P.cache_key(base_cfg, fp) == hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+    quiet = dict(progress=False, log=lambda m: None)
+    base_path = str(tmp_path / "base.pt")
+    r = P.pretrain_cifar(a, cfg, str(tmp_path / "fin.pt"), base_path=base_path, stop_after_epoch=1, **quiet)
+    assert r["partial"] and r["epoch"] == 1 and os.path.exists(base_path)   # base (1 epoch) done, finish stopped
+    assert os.path.exists(str(tmp_path / "fin.pt.partial")) and not os.path.exists(str(tmp_path / "fin.pt"))
+    fin = P.pretrain_cifar(a, cfg, str(tmp_path / "fin.pt"), base_path=base_path, **quiet)
+    base = P.pretrain_cifar(a, base_cfg, base_path, **quiet)
+    assert fin["base"]["key"] == base["key"] and fin["base"]["test_acc"] == base["test_acc"]
+    assert [h["epoch"] for h in fin["history"]] == [1, 2]
+    assert fin["key"] == P.cache_key(cfg, fp)
+
+    # the same phase by hand: plain SGD (no momentum, no weight decay) from the base weights,
+    # lr ramped over half an epoch to 0.02, generator seed + 2
+    model = P.make_model(cfg)
+    model.load_state_dict(base["state_dict"])
+    params = [p for n, p in model.named_parameters() if not n.startswith("head_b.")]
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    spe = a.train_x.shape[0] // cfg.batch
+    warm = int(round(0.5 * spe))
+    step = 0
+    for _ in range(2):
+        perm = torch.randperm(a.train_x.shape[0], generator=gen)
+        for b in range(spe):
+            idx = perm[b * cfg.batch:(b + 1) * cfg.batch]
+            xb = cifar.augment(a.train_x[idx], gen)
+            loss = torch.nn.functional.cross_entropy(model(cifar.normalize(xb), "a"), a.train_y[idx])
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p -= 0.02 * min(1.0, (step + 1) / warm) * g
+            step += 1
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, fin["state_dict"][k], rtol=1e-4, atol=1e-5), k
+    # the resumed finish equals one uninterrupted
+    other = P.pretrain_cifar(a, cfg, str(tmp_path / "fin2.pt"), base_path=base_path, **quiet)
+    for k, v in other["state_dict"].items():
+        assert torch.equal(v, fin["state_dict"][k]), k
+    # without base_path the base is looked for (and trained) beside the checkpoint, by its key
+    P.pretrain_cifar(a, cfg, str(tmp_path / "sub" / "fin.pt"), **quiet)
+    assert os.path.exists(P.default_path(str(tmp_path / "sub"), a, base_cfg))
 
 
 def test_pretrain_pool_skips_existing_and_shards(src, tmp_path):

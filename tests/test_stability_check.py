@@ -45,7 +45,7 @@ def test_command_on_tiny_cifar(tmp_path, capsys):
         warnings.simplefilter("ignore")
         rc = main(["--data-root", data, "--profile", "smoke", "--cache-dir", str(tmp_path / "cache"),
                    "--no-download", "--lrs", "0.1,1e-4", "--steps", "3", "--batch", "16", "--iters", "10",
-                   "--out", str(out)])
+                   "--episodes", "2", "--curriculum-steps", "3", "--out", str(out)])
     cifar.clear_cache()
     assert rc == 0
     res = json.loads(out.read_text())
@@ -56,4 +56,16 @@ def test_command_on_tiny_cifar(tmp_path, capsys):
     # a step far below 2/lambda barely moves Task A's loss
     assert all(abs(v - res["task_a_loss"]) < 0.05 * res["task_a_loss"] + 1e-3
                for v in res["teacher_task_a_loss"]["0.0001"])
-    assert "plain SGD is stable for lr <" in capsys.readouterr().out
+    # the curriculum rollout: per lr, two students, 3 steps of 2 episodes; a teacher at lr 1e-4
+    # barely leaves w0, so the frozen student's meta-training loss is ~1000x smaller than at 0.1
+    cur = res["curriculum"]
+    assert cur["episodes"] == 2 and cur["steps"] == 3 and set(cur["by_lr"]) == {"0.1", "0.0001"}
+    for v in cur["by_lr"].values():
+        assert set(v["mean_loss_per_step"]) == {"freeze", "sgd"}
+        assert all(len(c) == 3 and all(math.isfinite(x) and x >= 0 for x in c) for c in v["mean_loss_per_step"].values())
+        assert all(len(e) == 2 and all(s is None or 1 <= s <= 3 for s in e) for e in v["episode_end_step"].values())
+    slow, fast = cur["by_lr"]["0.0001"]["mean_loss_per_step"], cur["by_lr"]["0.1"]["mean_loss_per_step"]
+    assert 0 < slow["freeze"][0] < 1e-2 * fast["freeze"][0]
+    assert cur["by_lr"]["0.0001"]["episode_end_step"]["freeze"] == [None, None]
+    text = capsys.readouterr().out
+    assert "plain SGD is stable for lr <" in text and "student freeze: meta-training loss per step" in text
