@@ -24,7 +24,8 @@ sharpness). This measures, on the Task A checkpoint the profile uses:
     python -m experiments.cifar_stability_check --data-root data [--profile cpu]
         [--taskA-ckpt FILE] [--lrs 0.1,0.03,0.01] [--steps 8] [--episodes 4] [--out FILE]
 
-docs/cifar.md ("Stability of lr 0.1 on the Task A network") reports what it shows.
+docs/cifar.md (section 2, "Is the paper's lr 0.1 stable on this Task A network?" and "The
+finish phase") reports what it shows.
 """
 from __future__ import annotations
 

@@ -94,7 +94,10 @@ def dataclass_from(cls, d: Optional[Dict], what: str):
     unknown = sorted(set(d) - names)
     if unknown:
         raise ConfigError(f"unknown {what} option(s) {unknown}; known: {sorted(names)}")
-    return cls(**d)
+    try:
+        return cls(**d)
+    except ValueError as e:            # a dataclass's own check of its values
+        raise ConfigError(f"{what}: {e}") from e
 
 
 # --------------------------------------------------------------------------- arguments

@@ -12,7 +12,7 @@ flip), standard CIFAR normalisation. Only the trunk and ``head_a`` are trained;
 
 An optional finish phase (``finish_epochs``, off by default) continues the finished network with
 plain SGD at a constant learning rate (default the students' 0.1) so that it ends where that
-rate is stable (docs/cifar.md, "Stability of lr 0.1"); it starts from the cached checkpoint of
+rate is stable (docs/cifar.md section 2, "The finish phase"); it starts from the cached checkpoint of
 the config without it.
 
 Checkpoints are written atomically, in the format of :mod:`lrmt_fast.pretrain`
@@ -68,7 +68,7 @@ class CifarPretrainConfig:
     # every residual block at 0, so that every block is the identity at initialisation.
     warmup_epochs: float = 0.0
     zero_init_residual: bool = False
-    # The finish phase (docs/cifar.md, "Stability of lr 0.1"): after the schedule above has ended,
+    # The finish phase (docs/cifar.md section 2, "The finish phase"): after the schedule above ends,
     # ``finish_epochs`` more epochs of SGD at the constant ``finish_lr`` (ramped linearly from 0 over
     # ``finish_warmup_epochs``) with ``finish_momentum`` / ``finish_weight_decay``; the default, plain
     # SGD at 0.1, is how the students, the teacher and the meta-learner's student train. It starts
@@ -80,6 +80,13 @@ class CifarPretrainConfig:
     finish_momentum: float = 0.0
     finish_weight_decay: float = 0.0
     finish_warmup_epochs: float = 1.0
+
+    def __post_init__(self):
+        if self.finish_epochs < 0 or self.finish_warmup_epochs < 0 or self.finish_weight_decay < 0:
+            raise ValueError("finish_epochs, finish_warmup_epochs and finish_weight_decay must be >= 0")
+        if self.finish_epochs > 0 and not (self.finish_lr > 0 and 0 <= self.finish_momentum < 1):
+            raise ValueError(f"the finish phase needs finish_lr > 0 and 0 <= finish_momentum < 1 "
+                             f"(got {self.finish_lr}, {self.finish_momentum})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "CifarPretrainConfig":

@@ -246,6 +246,11 @@ def test_finish_phase_starts_from_the_base_checkpoint(src, tmp_path):
     # without base_path the base is looked for (and trained) beside the checkpoint, by its key
     P.pretrain_cifar(a, cfg, str(tmp_path / "sub" / "fin.pt"), **quiet)
     assert os.path.exists(P.default_path(str(tmp_path / "sub"), a, base_cfg))
+    # bad finish settings are refused when the config is made
+    for bad in ({"finish_epochs": -1}, {"finish_epochs": 1, "finish_lr": 0.0},
+                {"finish_epochs": 1, "finish_momentum": 1.0}, {"finish_weight_decay": -0.1}):
+        with pytest.raises(ValueError, match="finish"):
+            P.CifarPretrainConfig(**{**TINY, **bad})
 
 
 def test_pretrain_pool_skips_existing_and_shards(src, tmp_path):

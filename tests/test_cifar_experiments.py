@@ -173,6 +173,21 @@ def test_committed_task_a_checkpoint_serves_the_profiles_with_its_config(tmp_pat
             pcfg = dataclass_from(P.CifarPretrainConfig, cfg["pretrain"], "pretrain")
             assert P.cache_key(pcfg, ck["data_fp"]) == ck["key"] == "a713399545b1", (exp, name)
     assert ck["test_acc"] > 91.0
+    # exp1 'cpu_finish': the committed finish-phase checkpoint has its profile's key and starts
+    # from the committed checkpoint above, which base_task_a_path finds by the base key
+    fin = torch.load(os.path.join(E.SHIPPED, "cifar5a_pretrain_finish", "cifar5a-02c72be2b780.pt"),
+                     map_location="cpu", weights_only=False)
+    cfg = resolve_profile(os.path.join(ROOT, "experiments/configs/exp1_cifar.json"), "cpu_finish")
+    pcfg = dataclass_from(P.CifarPretrainConfig, cfg["pretrain"], "pretrain")
+    assert pcfg.finish_epochs > 0 and P.cache_key(pcfg, fin["data_fp"]) == fin["key"] == "02c72be2b780"
+    assert P.cache_key(P.base_config(pcfg), ck["data_fp"]) == fin["base"]["key"] == ck["key"]
+    assert fin["data_fp"] == ck["data_fp"] and set(fin["state_dict"]) == set(ck["state_dict"])
+    monkeypatch.setattr(P, "data_fingerprint", lambda task: ck["data_fp"])
+    args = Namespace(taskA_ckpt=None, cache_dir=str(tmp_path / "empty_cache"))
+    assert E.task_a_path(args, None, pcfg) == os.path.join(E.SHIPPED, "cifar5a_pretrain_finish", "cifar5a-02c72be2b780.pt")
+    assert E.base_task_a_path(args, None, pcfg) == os.path.join(E.SHIPPED, "cifar5a_pretrain_paper", "cifar5a-a713399545b1.pt")
+    assert E.base_task_a_path(args, None, P.base_config(pcfg)) is None
+    monkeypatch.undo()
     # the lookup: --taskA-ckpt first, then the cache (finished or partial), then the committed file
     name = "cifar5a-0123456789ab.pt"
     shipped = tmp_path / "results" / "cifar5a_pretrain_x"
@@ -198,6 +213,32 @@ def test_data_errors_are_one_line(env, tmp_path, capsys):
                str(tmp_path / "o"), "--device", "cpu", "--no-progress", "--no-download"])
     err = capsys.readouterr().err
     assert rc == 1 and "--data-root" in err and "LRMT_DATA" in err and "Traceback" not in err
+
+
+def test_pretrain_cifar_command_with_a_finish_phase(env, tmp_path, capsys):
+    """`lrmt pretrain-cifar` on a config whose profile adds a finish phase: the base checkpoint is
+    trained into the cache under its own key, then the finish phase; both accuracies are printed.
+    Bad finish settings are a one-line error."""
+    with open(os.path.join(ROOT, "experiments/configs/exp1_cifar.json")) as f:
+        conf = json.load(f)
+    conf["profiles"]["smoke"].setdefault("pretrain", {}).update(finish_epochs=1, finish_lr=0.05)
+    good = tmp_path / "finish.json"
+    good.write_text(json.dumps(conf))
+    args = ["pretrain-cifar", "--profile", "smoke", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+            "--no-progress"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(args + ["--config", str(good)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "(before the finish phase)" in out, out
+    files = sorted(os.listdir(tmp_path / "cache"))
+    assert len(files) == 2 and all(f.startswith("cifar5a-") and f.endswith(".pt") for f in files), files
+    conf["profiles"]["smoke"]["pretrain"]["finish_lr"] = 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(conf))
+    rc = main(args + ["--config", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "pretrain: the finish phase needs finish_lr > 0" in err and "Traceback" not in err
 
 
 def test_torchrun_two_ranks(env, tmp_path):
