@@ -177,9 +177,10 @@ def test_committed_task_a_checkpoint_serves_the_profiles_with_its_config(tmp_pat
     # from the committed checkpoint above, which base_task_a_path finds by the base key
     fin = torch.load(os.path.join(E.SHIPPED, "cifar5a_pretrain_finish", "cifar5a-02c72be2b780.pt"),
                      map_location="cpu", weights_only=False)
-    cfg = resolve_profile(os.path.join(ROOT, "experiments/configs/exp1_cifar.json"), "cpu_finish")
-    pcfg = dataclass_from(P.CifarPretrainConfig, cfg["pretrain"], "pretrain")
-    assert pcfg.finish_epochs > 0 and P.cache_key(pcfg, fin["data_fp"]) == fin["key"] == "02c72be2b780"
+    for exp in ("exp1_cifar", "exp2_cifar100"):
+        cfg = resolve_profile(os.path.join(ROOT, f"experiments/configs/{exp}.json"), "cpu_finish")
+        pcfg = dataclass_from(P.CifarPretrainConfig, cfg["pretrain"], "pretrain")
+        assert pcfg.finish_epochs > 0 and P.cache_key(pcfg, fin["data_fp"]) == fin["key"] == "02c72be2b780", exp
     assert P.cache_key(P.base_config(pcfg), ck["data_fp"]) == fin["base"]["key"] == ck["key"]
     assert fin["data_fp"] == ck["data_fp"] and set(fin["state_dict"]) == set(ck["state_dict"])
     monkeypatch.setattr(P, "data_fingerprint", lambda task: ck["data_fp"])
