@@ -150,15 +150,18 @@ def test_paper_profiles_hold_the_papers_settings():
         p = c["pretrain"]
         assert (p["model"], p["lr"], p["momentum"], p["batch"], p["weight_decay"]) == ("resnet32_gn", 0.1, 0.9, 128,
                                                                                         0.0005)
-        # the stabilisers without which lr 0.1 collapses ResNet-32 GN (docs/cifar.md)
+        # the stabilisers without which lr 0.1 collapses ResNet-32 GN (docs/cifar.md), and the
+        # finish phase without which the students' lr 0.1 is unstable on the pretrained network
         assert p["zero_init_residual"] is True and p["warmup_epochs"] == 1
+        assert (p["finish_epochs"], p["finish_lr"], p["finish_warmup_epochs"]) == (4, 0.2, 2)
         assert set(REQUIRED_METHODS) <= set(c["methods"]) and c["seeds"] == 5
 
 
 def test_committed_task_a_checkpoint_serves_the_profiles_with_its_config(tmp_path, monkeypatch):
-    """The committed CIFAR-5A checkpoint is the `paper` pretraining (its key from the profile's
-    config and the data fingerprint it recorded); exp1/exp2 `quick`, `cpu` and `paper` share that
-    config, so the drivers take it where the cache has none (task_a_path)."""
+    """The committed CIFAR-5A checkpoints: the 100-epoch pretraining (its key from the profiles'
+    config and the data fingerprint it recorded; exp1 `cpu`, `cpu_lr0.03`, exp2 `cpu`) and the same
+    with the finish phase (exp1/exp2 `cpu_finish`, `quick`, `paper`); the drivers take them where
+    the cache has none (task_a_path, base_task_a_path)."""
     from argparse import Namespace
 
     import experiments.exp1_cifar as E
@@ -166,8 +169,7 @@ def test_committed_task_a_checkpoint_serves_the_profiles_with_its_config(tmp_pat
     from experiments.common import dataclass_from, resolve_profile
     ck = torch.load(os.path.join(E.SHIPPED, "cifar5a_pretrain_paper", "cifar5a-a713399545b1.pt"),
                     map_location="cpu", weights_only=False)
-    for exp, names in (("exp1_cifar", ("paper", "quick", "cpu", "cpu_lr0.03")),
-                       ("exp2_cifar100", ("paper", "quick", "cpu"))):
+    for exp, names in (("exp1_cifar", ("cpu", "cpu_lr0.03")), ("exp2_cifar100", ("cpu",))):
         for name in names:
             cfg = resolve_profile(os.path.join(ROOT, f"experiments/configs/{exp}.json"), name)
             pcfg = dataclass_from(P.CifarPretrainConfig, cfg["pretrain"], "pretrain")
@@ -178,9 +180,11 @@ def test_committed_task_a_checkpoint_serves_the_profiles_with_its_config(tmp_pat
     fin = torch.load(os.path.join(E.SHIPPED, "cifar5a_pretrain_finish", "cifar5a-02c72be2b780.pt"),
                      map_location="cpu", weights_only=False)
     for exp in ("exp1_cifar", "exp2_cifar100"):
-        cfg = resolve_profile(os.path.join(ROOT, f"experiments/configs/{exp}.json"), "cpu_finish")
-        pcfg = dataclass_from(P.CifarPretrainConfig, cfg["pretrain"], "pretrain")
-        assert pcfg.finish_epochs > 0 and P.cache_key(pcfg, fin["data_fp"]) == fin["key"] == "02c72be2b780", exp
+        for name in ("cpu_finish", "quick", "paper"):
+            cfg = resolve_profile(os.path.join(ROOT, f"experiments/configs/{exp}.json"), name)
+            pcfg = dataclass_from(P.CifarPretrainConfig, cfg["pretrain"], "pretrain")
+            assert pcfg.finish_epochs > 0 and P.cache_key(pcfg, fin["data_fp"]) == fin["key"] == "02c72be2b780", \
+                (exp, name)
     assert P.cache_key(P.base_config(pcfg), ck["data_fp"]) == fin["base"]["key"] == ck["key"]
     assert fin["data_fp"] == ck["data_fp"] and set(fin["state_dict"]) == set(ck["state_dict"])
     monkeypatch.setattr(P, "data_fingerprint", lambda task: ck["data_fp"])
