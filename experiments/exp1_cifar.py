@@ -466,8 +466,8 @@ class PretrainCommand:
         ck = pretrain_cifar(task_a, pcfg, path, device, not args.no_progress,
                             base_path=base_task_a_path(args, task_a, pcfg))
         if "base" in ck:
-            print(f"{ck['base']['path']}: CIFAR-5A test accuracy {ck['base']['test_acc']:.2f}% "
-                  f"(before the finish phase)")
+            print(f"CIFAR-5A test accuracy {ck['base']['test_acc']:.2f}% before the finish phase "
+                  f"(checkpoint key {ck['base']['key']})")
         print(f"{path}: CIFAR-5A test accuracy {ck['test_acc']:.2f}%")
         if path.startswith(SHIPPED + os.sep):
             print("(the checkpoint committed for this config and data; --taskA-ckpt FILE trains a new one)")

@@ -235,7 +235,7 @@ def test_pretrain_cifar_command_with_a_finish_phase(env, tmp_path, capsys):
         warnings.simplefilter("ignore")
         rc = main(args + ["--config", str(good)])
     out = capsys.readouterr().out
-    assert rc == 0 and "(before the finish phase)" in out, out
+    assert rc == 0 and "before the finish phase (checkpoint key" in out, out
     files = sorted(os.listdir(tmp_path / "cache"))
     assert len(files) == 2 and all(f.startswith("cifar5a-") and f.endswith(".pt") for f in files), files
     conf["profiles"]["smoke"]["pretrain"]["finish_lr"] = 0
