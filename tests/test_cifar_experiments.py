@@ -175,8 +175,8 @@ def test_committed_task_a_checkpoint_serves_the_profiles_with_its_config(tmp_pat
             pcfg = dataclass_from(P.CifarPretrainConfig, cfg["pretrain"], "pretrain")
             assert P.cache_key(pcfg, ck["data_fp"]) == ck["key"] == "a713399545b1", (exp, name)
     assert ck["test_acc"] > 91.0
-    # exp1 'cpu_finish': the committed finish-phase checkpoint has its profile's key and starts
-    # from the committed checkpoint above, which base_task_a_path finds by the base key
+    # the committed finish-phase checkpoint has the key of exp1/exp2 'cpu_finish', 'quick' and
+    # 'paper' and starts from the committed checkpoint above, which base_task_a_path finds by its key
     fin = torch.load(os.path.join(E.SHIPPED, "cifar5a_pretrain_finish", "cifar5a-02c72be2b780.pt"),
                      map_location="cpu", weights_only=False)
     for exp in ("exp1_cifar", "exp2_cifar100"):
