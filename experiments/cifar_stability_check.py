@@ -113,7 +113,7 @@ def curriculum(model, stream, mcfg, lrs: Sequence[float], episodes: int, steps: 
     students over ``episodes`` episodes, and the step at which each episode would end under the
     first curriculum threshold (None: it would not end within ``steps``)."""
     import dataclasses
-    from experiments.curriculum_check import first_over, rollout
+    from experiments.curriculum_check import rollout, summarize
     from lrmt_fast.metatrain import build_meta_learner
     sgd = build_meta_learner(model, mcfg.hidden, mcfg.hidden_gn).to(next(model.parameters()).device)
     sgd.requires_grad_(False)
@@ -121,10 +121,9 @@ def curriculum(model, stream, mcfg, lrs: Sequence[float], episodes: int, steps: 
     for lr in lrs:
         c = dataclasses.replace(mcfg, lr=float(lr))
         per_ep = [rollout(model, {"sgd": sgd}, stream, e, steps, c, seed) for e in range(episodes)]
-        names = list(per_ep[0])
-        out[str(lr)] = {
-            "mean_loss_per_step": {n: [sum(ep[n][t] for ep in per_ep) / episodes for t in range(steps)] for n in names},
-            "episode_end_step": {n: [first_over(ep[n], mcfg.thresh_start) for ep in per_ep] for n in names}}
+        mean, ends = summarize(per_ep, {"start": mcfg.thresh_start})
+        out[str(lr)] = {"mean_loss_per_step": mean,
+                        "episode_end_step": {n: e["start"] for n, e in ends.items()}}
     return {"threshold": mcfg.thresh_start, "loss_coef": mcfg.loss_coef, "episodes": episodes, "steps": steps,
             "by_lr": out}
 
@@ -160,15 +159,15 @@ def main(argv=None) -> int:
     w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
     lr = float((cfg.get("metatest") or {}).get("lr", 0.1))
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [lr, lr / 3, lr / 10]
-    ta, tb = to_task_data(task_a).to(device), to_task_data(E.load_task_b(args, cfg)).to(device)
+    task_b = E.load_task_b(args, cfg)
+    ta, tb = to_task_data(task_a).to(device), to_task_data(task_b).to(device)
     res = check(model, w0, ta, tb, lrs, steps=args.steps, batch=args.batch, iters=args.iters)
     if args.episodes > 0:
-        from lrmt_fast.data.cifar import CifarTaskStream, split_b
+        from lrmt_fast.data.cifar import split_b
         from lrmt_fast.metatrain import MetaTrainConfig
         mcfg = MetaTrainConfig.from_dict(cfg.get("metatrain") or {})
-        b1, _ = split_b(E.load_task_b(args, cfg), int(cfg.get("data", {}).get("split_seed", 0)))
-        stream = CifarTaskStream([w0], (task_a.train_x, task_a.train_y), (b1.train_x, b1.train_y),
-                                 mcfg.batch_a, mcfg.batch_b, device)
+        b1, _ = split_b(task_b, int(cfg.get("data", {}).get("split_seed", 0)))
+        stream = E.b1_stream(cfg, task_a, b1, w0, device)
         res["curriculum"] = curriculum(model, stream, mcfg, lrs, args.episodes, args.curriculum_steps)
     res.update(profile=args.profile, task_a_checkpoint=info["path"], task_a_test_acc=info["test_acc"])
     print(f"Task A checkpoint {info['path']} ({info['test_acc']:.2f}% test)")

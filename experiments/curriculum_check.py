@@ -65,6 +65,16 @@ def first_over(curve: List[float], threshold: float):
     return None
 
 
+def summarize(per_ep: List[Dict[str, List[float]]], thresholds: Dict[str, float]):
+    """(mean loss per step of each student over the episodes, {student: {threshold name: the step
+    at which each episode would end}}) of :func:`rollout`'s results."""
+    names = list(per_ep[0])
+    steps = len(per_ep[0][names[0]])
+    mean = {n: [sum(ep[n][t] for ep in per_ep) / len(per_ep) for t in range(steps)] for n in names}
+    ends = {n: {k: [first_over(ep[n], v) for ep in per_ep] for k, v in thresholds.items()} for n in names}
+    return mean, ends
+
+
 def main(argv=None) -> int:
     from experiments import common
     from experiments.exp1_mnist import CONFIG, DEFAULT_OUT, load_tasks
@@ -100,9 +110,8 @@ def main(argv=None) -> int:
 
     per_ep = [rollout(model, students, stream, e, args.steps, mcfg, args.seed) for e in range(args.episodes)]
     names = list(per_ep[0])
-    mean = {n: [sum(ep[n][t] for ep in per_ep) / len(per_ep) for t in range(args.steps)] for n in names}
     thr = {"start": mcfg.thresh_start, "max": mcfg.thresh_max}
-    ends = {n: {k: [first_over(ep[n], v) for ep in per_ep] for k, v in thr.items()} for n in names}
+    mean, ends = summarize(per_ep, thr)
     shown = [t for t in (1, 2, 3, 4, 5, 8, 10, 20, 30, 40, 50, 60, 100, 200, 500) if t <= args.steps]
     print(f"loss_coef * Huber(student, teacher), mean of {args.episodes} episodes, lr {mcfg.lr}; "
           f"curriculum thresholds {thr['start']:g} -> {thr['max']:g}")

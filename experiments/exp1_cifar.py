@@ -114,6 +114,15 @@ def load_task_b(args, cfg: Dict):
     return _subset(cifar5b(source(args)), d.get("max_train"), d.get("max_test"), int(d.get("split_seed", 0)) + 7)
 
 
+def b1_stream(cfg: Dict, task_a, b1, w0: Dict[str, torch.Tensor], device: str):
+    """Exp 1's meta-training episodes: Task A's training set and D_B1 from the start checkpoint
+    ``w0``, with the profile's teacher batch sizes."""
+    from lrmt_fast.data.cifar import CifarTaskStream
+    mt = cfg.get("metatrain") or {}
+    return CifarTaskStream([w0], (task_a.train_x, task_a.train_y), (b1.train_x, b1.train_y),
+                           int(mt.get("batch_a", 64)), int(mt.get("batch_b", 64)), device)
+
+
 def _log_for(sync) -> Callable:
     from lrmt_fast.distributed import is_main
     return print if is_main(sync) else (lambda *a, **k: None)
@@ -385,7 +394,7 @@ def setup(args, config_path: str, default_out: str):
 
 # --------------------------------------------------------------------------- Exp 1
 def run(args: argparse.Namespace) -> int:
-    from lrmt_fast.data.cifar import CifarTaskStream, even_split, split_b, to_task_data
+    from lrmt_fast.data.cifar import even_split, split_b, to_task_data
     from lrmt_fast.data.tasks import TwoTasks, fingerprint
     from lrmt_fast.distributed import shutdown
     from lrmt_fast.evaluate import MetaTestConfig
@@ -409,9 +418,7 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(pcfg, state, device)
         w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
         t_pre = time.time() - t_start
-        mt = cfg.get("metatrain") or {}
-        stream = CifarTaskStream([w0], (task_a.train_x, task_a.train_y), (b1.train_x, b1.train_y),
-                                 int(mt.get("batch_a", 64)), int(mt.get("batch_b", 64)), device)
+        stream = b1_stream(cfg, task_a, b1, w0, device)
         key_parts = {"taskA": ainfo["key"], "data": fingerprint(b1.train_x, b1.train_y), "experiment": NAME}
         t0 = time.time()
         meta, meta_path, history = run_metatraining(args, cfg, model, stream, out, key_parts, sync, device,
