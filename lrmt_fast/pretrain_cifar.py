@@ -355,7 +355,8 @@ def pretrain_pool(task: Task, cfg: CifarPretrainConfig, pool_dir: str, n: int, s
     for s, p in mine:
         c = dataclasses.replace(cfg, seed=s)
         status = "exists" if os.path.exists(p) else ("resumed" if os.path.exists(p + ".partial") else "trained")
-        ck = pretrain_cifar(task, c, p, device, progress=False, log=(lambda m: None) if bar else log)
+        # each checkpoint's own step bar (and its base's) sits under the pool's while it trains
+        ck = pretrain_cifar(task, c, p, device, progress=bar is not None, log=(lambda m: None) if bar else log)
         out.append({"seed": s, "path": p, "test_acc": ck["test_acc"], "status": status})
         if bar is not None:
             bar.update(1)

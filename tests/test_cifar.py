@@ -253,7 +253,7 @@ def test_finish_phase_starts_from_the_base_checkpoint(src, tmp_path):
             P.CifarPretrainConfig(**{**TINY, **bad})
 
 
-def test_pretrain_pool_skips_existing_and_shards(src, tmp_path):
+def test_pretrain_pool_skips_existing_and_shards(src, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a = cifar.cifar5a(src)
@@ -263,8 +263,11 @@ def test_pretrain_pool_skips_existing_and_shards(src, tmp_path):
     assert [r["seed"] for r in r0] == [0, 2] and all(r["status"] == "trained" for r in r0)
     with pytest.raises(CheckpointError, match="1 of 3 checkpoints missing"):
         P.load_pool(pool, 3)
+    capsys.readouterr()
     r = P.pretrain_pool(a, cfg, pool, n=3, shard=(0, 1), progress=True, log=lambda m: None)
     assert [x["status"] for x in r] == ["exists", "trained", "exists"]
+    err = capsys.readouterr().err     # the pool's bar, and the steps of the checkpoint it trained
+    assert "checkpoint pool [0/1]" in err and "pretrain 5A seed 1" in err and "pretrain 5A seed 0" not in err
     states = P.load_pool(pool, 3)
     assert len(states) == 3 and not torch.equal(states[0]["conv1.weight"], states[1]["conv1.weight"])
 
