@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/run_gpu.sh            # from the repository root, on a machine with a GPU
 #   GPU_QUICK=1 bash benchmarks/run_gpu.sh   # one pass of about 8 minutes (a lent machine's budget)
+#   GPU_BUILD_ONLY=1 bash benchmarks/run_gpu.sh   # the build stage alone (experiments/gpu_quick.sh)
 #
 # Stages, most valuable first (each under its own time limit; the log and every result file so
 # far are copied to $OUT after each stage, so a run cut short still returns them): build; the
@@ -82,6 +83,7 @@ if ! run 400 env LRMT_CUDA=1 python -m pip install -q --no-build-isolation --no-
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 run 60 python -m lrmt_fast info
+[ "${GPU_BUILD_ONLY:-0}" = 1 ] && finish     # experiments/gpu_quick.sh: the build alone
 DEV="$(python -c 'from benchmarks.measure import results_stem; print(results_stem("cuda"))')"
 mkdir -p benchmarks/results
 
