@@ -13,7 +13,8 @@ flip), standard CIFAR normalisation. Only the trunk and ``head_a`` are trained;
 An optional finish phase (``finish_epochs``, off by default) continues the finished network with
 plain SGD at a constant learning rate (default the students' 0.1) so that it ends where that
 rate is stable (docs/cifar.md section 2, "The finish phase"); it starts from the cached checkpoint of
-the config without it.
+the config without it. With ``finish_average_epochs`` the checkpoint holds the mean of the weights
+over the phase's last steps (tail averaging) instead of the last step's.
 
 Checkpoints are written atomically, in the format of :mod:`lrmt_fast.pretrain`
 (``kind='lrmt_taskA'``, ``key``, ``config``, ``state_dict``, ``test_acc``,
@@ -80,6 +81,12 @@ class CifarPretrainConfig:
     finish_momentum: float = 0.0
     finish_weight_decay: float = 0.0
     finish_warmup_epochs: float = 1.0
+    # Tail averaging of the finish phase (as stochastic weight averaging, Izmailov et al. 2018): the
+    # checkpoint's weights are the mean of the weights after each SGD step of the last
+    # ``finish_average_epochs`` epochs of the phase, instead of the last step's (GroupNorm has no
+    # running statistics to recompute). 0 (default) keeps the last step's; then the field is left out
+    # of the cache key, which stays the key the config had before the field existed.
+    finish_average_epochs: float = 0.0
 
     def __post_init__(self):
         if self.finish_epochs < 0 or self.finish_warmup_epochs < 0 or self.finish_weight_decay < 0:
@@ -87,6 +94,9 @@ class CifarPretrainConfig:
         if self.finish_epochs > 0 and not (self.finish_lr > 0 and 0 <= self.finish_momentum < 1):
             raise ValueError(f"the finish phase needs finish_lr > 0 and 0 <= finish_momentum < 1 "
                              f"(got {self.finish_lr}, {self.finish_momentum})")
+        if self.finish_average_epochs < 0 or self.finish_average_epochs > max(self.finish_epochs, 0):
+            raise ValueError(f"finish_average_epochs must be between 0 and finish_epochs "
+                             f"(got {self.finish_average_epochs}, finish_epochs {self.finish_epochs})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "CifarPretrainConfig":
@@ -97,7 +107,8 @@ class CifarPretrainConfig:
         return cls(**d)
 
 
-FINISH_FIELDS = ("finish_epochs", "finish_lr", "finish_momentum", "finish_weight_decay", "finish_warmup_epochs")
+FINISH_FIELDS = ("finish_epochs", "finish_lr", "finish_momentum", "finish_weight_decay", "finish_warmup_epochs",
+                 "finish_average_epochs")
 
 
 def base_config(cfg: CifarPretrainConfig) -> CifarPretrainConfig:
@@ -138,6 +149,8 @@ def cache_key(cfg: CifarPretrainConfig, data_fp: str) -> str:
     if cfg.finish_epochs <= 0:           # no finish phase: the key of the config without its fields
         for k in FINISH_FIELDS:
             d.pop(k)
+    elif cfg.finish_average_epochs == 0:  # no averaging: the key the finish phase had before the field
+        d.pop("finish_average_epochs")
     blob = json.dumps({"cfg": d, "data": data_fp, "kind": "cifar"}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -243,6 +256,8 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
         def lr_of(s: int) -> float:
             return cfg.finish_lr * min(1.0, (s + 1) / warm) if warm > 0 else cfg.finish_lr
         what = f"finish 5A seed {cfg.seed} (lr {cfg.finish_lr:g})"
+        # tail averaging: the mean of the weights after each of the phase's last n_avg_steps steps
+        n_avg_steps = min(total, int(round(cfg.finish_average_epochs * steps_per_epoch)))
     else:
         opt = torch.optim.SGD(train_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -250,7 +265,9 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
         def lr_of(s: int) -> float:
             return lr_at(cfg, s, total)
         what = f"pretrain 5A seed {cfg.seed}"
+        n_avg_steps = 0
     epoch, step, history = 0, 0, []
+    avg, n_avg = None, 0            # running mean of the averaged steps' weights, and their count
     partial = path + ".partial"
     if os.path.exists(partial):
         pk = load_checkpoint(partial, ("key", "model", "opt", "gen", "epoch", "step", "history"),
@@ -260,6 +277,9 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
             opt.load_state_dict(pk["opt"])
             gen.set_state(pk["gen"])
             epoch, step, history = int(pk["epoch"]), int(pk["step"]), list(pk["history"])
+            n_avg = int(pk.get("n_avg", 0))
+            if n_avg:
+                avg = {k: v.to(device) for k, v in pk["avg"].items()}
             log(f"pretrain-cifar: resuming {path} at epoch {epoch}/{n_epochs}")
         else:
             log(f"pretrain-cifar: ignoring {partial} (written for another config)")
@@ -287,6 +307,8 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
             running += float(loss.detach())
             cnt += 1
             step += 1
+            if step > total - n_avg_steps:
+                avg, n_avg = _average_in(avg, n_avg, model)
             if bar is not None:
                 bar.update(1)
         epoch += 1
@@ -298,17 +320,24 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
             bar.set_postfix(epoch=epoch, loss=f"{rec['loss']:.3f}", acc=rec.get("test_acc", "-"))
         if step < total:
             atomic_save({"key": key, "model": model.state_dict(), "opt": opt.state_dict(),
-                         "gen": gen.get_state(), "epoch": epoch, "step": step, "history": history}, partial)
+                         "gen": gen.get_state(), "epoch": epoch, "step": step, "history": history,
+                         "n_avg": n_avg, "avg": {k: v.cpu() for k, v in avg.items()} if n_avg else None}, partial)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 if bar is not None:
                     bar.close()
                 return {"partial": True, "epoch": epoch, "history": history}
     if bar is not None:
         bar.close()
+    test_acc = history[-1]["test_acc"]
+    averaged = {}
+    if n_avg:
+        model.load_state_dict({**model.state_dict(), **avg})
+        test_acc = accuracy_u8(model, task.test_x, task.test_y, device=device)
+        averaged = {"averaged_steps": n_avg, "last_step_test_acc": history[-1]["test_acc"]}
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ck = {"kind": "lrmt_taskA", "key": key, "config": dataclasses.asdict(cfg), "data_fp": data_fp,
           "task": task.name, "classes": list(task.classes), "state_dict": sd,
-          "test_acc": history[-1]["test_acc"], "history": history, "steps": total}
+          "test_acc": test_acc, "history": history, "steps": total, **averaged}
     if finish:
         ck["base"] = {"key": base["key"], "path": base_path, "test_acc": base["test_acc"],
                       "history": base.get("history", [])}
@@ -317,8 +346,22 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
         os.remove(partial)
     log(f"pretrain-cifar: {task.name} seed {cfg.seed}: {total} steps"
         + (f" of the finish phase from {base_path} ({base['test_acc']:.2f}%)" if finish else "")
+        + (f", weights averaged over its last {n_avg} (last step's test accuracy "
+           f"{averaged['last_step_test_acc']:.2f}%)" if n_avg else "")
         + f", test accuracy {ck['test_acc']:.2f}% -> {path}")
     return ck
+
+
+@torch.no_grad()
+def _average_in(avg: Optional[Dict[str, Tensor]], n: int, model: nn.Module) -> Tuple[Dict[str, Tensor], int]:
+    """The running mean ``avg`` of ``n`` weight states with ``model``'s current floating-point
+    state added: ``avg + (w - avg) / (n + 1)``."""
+    cur = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    if avg is None or n == 0:
+        return {k: v.detach().clone() for k, v in cur.items()}, 1
+    for k, v in cur.items():
+        avg[k] += (v - avg[k]) / (n + 1)
+    return avg, n + 1
 
 
 def default_path(cache_dir: str, task: Task, cfg: CifarPretrainConfig) -> str:

@@ -253,6 +253,70 @@ def test_finish_phase_starts_from_the_base_checkpoint(src, tmp_path):
             P.CifarPretrainConfig(**{**TINY, **bad})
 
 
+def test_finish_phase_tail_averaging(src, tmp_path):
+    """finish_average_epochs: the checkpoint holds the mean of the weights after each of the phase's
+    last steps (replayed by hand), also when the averaged steps span an interrupted epoch; without
+    it the key is the one the finish phase had before the field existed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = cifar.cifar5a(src)
+    fin_cfg = P.CifarPretrainConfig(**{**TINY, "epochs": 1, "finish_epochs": 2, "finish_lr": 0.02,
+                                       "finish_warmup_epochs": 0.5})
+    cfg = dataclasses.replace(fin_cfg, finish_average_epochs=1.5)
+    fp = P.data_fingerprint(a)
+    assert P.base_config(cfg) == P.base_config(fin_cfg)
+    assert P.cache_key(cfg, fp) != P.cache_key(fin_cfg, fp)
+    d = {k: v for k, v in dataclasses.asdict(fin_cfg).items() if k != "finish_average_epochs"}
+    blob = json.dumps({"cfg": d, "data": fp, "kind": "cifar"}, sort_keys=True)
+    assert P.cache_key(fin_cfg, fp) == hashlib.sha1(blob.encode()).hexdigest()[:12]
+    for bad in (-0.5, 2.5):
+        with pytest.raises(ValueError, match="finish_average_epochs"):
+            dataclasses.replace(fin_cfg, finish_average_epochs=bad)
+
+    quiet = dict(progress=False, log=lambda m: None)
+    base_path = str(tmp_path / "base.pt")
+    r = P.pretrain_cifar(a, cfg, str(tmp_path / "avg.pt"), base_path=base_path, stop_after_epoch=1, **quiet)
+    assert r["partial"]                     # stopped after epoch 1, inside the averaged steps
+    ck = P.pretrain_cifar(a, cfg, str(tmp_path / "avg.pt"), base_path=base_path, **quiet)
+    last = P.pretrain_cifar(a, fin_cfg, str(tmp_path / "last.pt"), base_path=base_path, **quiet)
+    spe = a.train_x.shape[0] // cfg.batch
+    n_avg = int(round(1.5 * spe))
+    assert ck["averaged_steps"] == n_avg and ck["last_step_test_acc"] == last["test_acc"]
+
+    # by hand: the finish phase's trajectory (as in the test above), averaging its last n_avg states
+    base = P.pretrain_cifar(a, P.base_config(cfg), base_path, **quiet)
+    model = P.make_model(cfg)
+    model.load_state_dict(base["state_dict"])
+    params = [p for n, p in model.named_parameters() if not n.startswith("head_b.")]
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    warm = int(round(0.5 * spe))
+    states, step = [], 0
+    for _ in range(2):
+        perm = torch.randperm(a.train_x.shape[0], generator=gen)
+        for b in range(spe):
+            idx = perm[b * cfg.batch:(b + 1) * cfg.batch]
+            xb = cifar.augment(a.train_x[idx], gen)
+            loss = torch.nn.functional.cross_entropy(model(cifar.normalize(xb), "a"), a.train_y[idx])
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p -= 0.02 * min(1.0, (step + 1) / warm) * g
+            step += 1
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
+    tail = states[-n_avg:]
+    for k, v in ck["state_dict"].items():
+        mean = torch.stack([s_[k] for s_ in tail]).mean(0)
+        assert torch.allclose(v, mean, rtol=1e-4, atol=1e-5), k
+        assert torch.allclose(last["state_dict"][k], states[-1][k], rtol=1e-4, atol=1e-5), k
+    assert not torch.equal(ck["state_dict"]["conv1.weight"], last["state_dict"]["conv1.weight"])
+    model.load_state_dict(ck["state_dict"])
+    assert ck["test_acc"] == P.accuracy_u8(model, a.test_x, a.test_y)
+    # resumed = uninterrupted
+    other = P.pretrain_cifar(a, cfg, str(tmp_path / "avg2.pt"), base_path=base_path, **quiet)
+    for k, v in other["state_dict"].items():
+        assert torch.equal(v, ck["state_dict"][k]), k
+
+
 def test_pretrain_pool_skips_existing_and_shards(src, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
