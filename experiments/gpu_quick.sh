@@ -20,6 +20,7 @@
 # Environment: PROFILE (default quick), EXPERIMENT (default exp1-cifar), DEVICE (default cuda;
 # cpu to try the steps here with PROFILE=smoke), DATA_SRC (pack: default data).
 set -uo pipefail
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
 
 PROFILE="${PROFILE:-quick}"
@@ -51,7 +52,7 @@ stash)
 run)
   limit="${2:-}"
   [[ "$limit" =~ ^[0-9]+$ ]] || die "run needs SECONDS (the time the experiment may take in this call)"
-  "$0" stash >/dev/null
+  bash "$SELF" stash >/dev/null
   if [ ! -d data/cifar-10-batches-py ]; then
     [ -f "$STASH/SHA256SUMS" ] || die "no data: carry the parts (pack, then one stash call per part)"
     (cd "$STASH" && sha256sum -c --quiet SHA256SUMS) || die "the data parts in $STASH are missing or damaged; stash them again"
