@@ -153,15 +153,17 @@ def test_paper_profiles_hold_the_papers_settings():
         # the stabilisers without which lr 0.1 collapses ResNet-32 GN (docs/cifar.md), and the
         # finish phase without which the students' lr 0.1 is unstable on the pretrained network
         assert p["zero_init_residual"] is True and p["warmup_epochs"] == 1
-        assert (p["finish_epochs"], p["finish_lr"], p["finish_warmup_epochs"]) == (4, 0.2, 2)
+        assert (p["finish_epochs"], p["finish_lr"], p["finish_warmup_epochs"], p["finish_average_epochs"]) == \
+            (4, 0.2, 2, 2)
         assert set(REQUIRED_METHODS) <= set(c["methods"]) and c["seeds"] == 5
 
 
 def test_committed_task_a_checkpoint_serves_the_profiles_with_its_config(tmp_path, monkeypatch):
     """The committed CIFAR-5A checkpoints: the 100-epoch pretraining (its key from the profiles'
     config and the data fingerprint it recorded; exp1 `cpu`, `cpu_lr0.03`, exp2 `cpu`) and the same
-    with the finish phase (exp1/exp2 `cpu_finish`, `quick`, `paper`); the drivers take them where
-    the cache has none (task_a_path, base_task_a_path)."""
+    with the finish phase (exp1/exp2 `cpu_finish`) and with the finish phase's tail averaging
+    (exp1/exp2 `cpu_finish_avg`, `quick`, `paper`); the drivers take them where the cache has none
+    (task_a_path, base_task_a_path)."""
     from argparse import Namespace
 
     import experiments.exp1_cifar as E
@@ -175,16 +177,21 @@ def test_committed_task_a_checkpoint_serves_the_profiles_with_its_config(tmp_pat
             pcfg = dataclass_from(P.CifarPretrainConfig, cfg["pretrain"], "pretrain")
             assert P.cache_key(pcfg, ck["data_fp"]) == ck["key"] == "a713399545b1", (exp, name)
     assert ck["test_acc"] > 91.0
-    # the committed finish-phase checkpoint has the key of exp1/exp2 'cpu_finish', 'quick' and
-    # 'paper' and starts from the committed checkpoint above, which base_task_a_path finds by its key
+    # the committed finish-phase checkpoints have the keys of exp1/exp2 'cpu_finish' and (averaged)
+    # 'cpu_finish_avg', 'quick' and 'paper', and start from the committed checkpoint above, which
+    # base_task_a_path finds by its key
+    avg = torch.load(os.path.join(E.SHIPPED, "cifar5a_pretrain_finish_avg", "cifar5a-c89cbb7a6ec4.pt"),
+                     map_location="cpu", weights_only=False)
     fin = torch.load(os.path.join(E.SHIPPED, "cifar5a_pretrain_finish", "cifar5a-02c72be2b780.pt"),
                      map_location="cpu", weights_only=False)
     for exp in ("exp1_cifar", "exp2_cifar100"):
-        for name in ("cpu_finish", "quick", "paper"):
-            cfg = resolve_profile(os.path.join(ROOT, f"experiments/configs/{exp}.json"), name)
-            pcfg = dataclass_from(P.CifarPretrainConfig, cfg["pretrain"], "pretrain")
-            assert pcfg.finish_epochs > 0 and P.cache_key(pcfg, fin["data_fp"]) == fin["key"] == "02c72be2b780", \
-                (exp, name)
+        for names, shipped in ((("cpu_finish_avg", "quick", "paper"), avg), (("cpu_finish",), fin)):
+            for name in names:
+                cfg = resolve_profile(os.path.join(ROOT, f"experiments/configs/{exp}.json"), name)
+                pcfg = dataclass_from(P.CifarPretrainConfig, cfg["pretrain"], "pretrain")
+                assert pcfg.finish_epochs > 0 and P.cache_key(pcfg, ck["data_fp"]) == shipped["key"], (exp, name)
+    assert (fin["key"], avg["key"]) == ("02c72be2b780", "c89cbb7a6ec4")
+    assert avg["base"]["key"] == ck["key"] and avg["averaged_steps"] == 390 and avg["test_acc"] > 90.0
     assert P.cache_key(P.base_config(pcfg), ck["data_fp"]) == fin["base"]["key"] == ck["key"]
     assert fin["data_fp"] == ck["data_fp"] and set(fin["state_dict"]) == set(ck["state_dict"])
     monkeypatch.setattr(P, "data_fingerprint", lambda task: ck["data_fp"])
