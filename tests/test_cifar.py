@@ -187,6 +187,33 @@ def test_pretrain_resumes_exactly_and_is_cached(src, tmp_path):
         P.pretrain_cifar(a, P.CifarPretrainConfig(**{**TINY, "lr": 0.01}), part, progress=False)
 
 
+def _finish_by_hand(a, cfg, base_state):
+    """The finish phase of ``cfg`` (2 epochs of plain SGD, no momentum, no weight decay, lr ramped
+    over half an epoch to 0.02, generator seed + 2) replayed from ``base_state``: the state dict
+    after every step."""
+    assert (cfg.finish_epochs, cfg.finish_lr, cfg.finish_warmup_epochs, cfg.finish_momentum) == (2, 0.02, 0.5, 0.0)
+    model = P.make_model(cfg)
+    model.load_state_dict(base_state)
+    params = [p for n, p in model.named_parameters() if not n.startswith("head_b.")]
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    spe = a.train_x.shape[0] // cfg.batch
+    warm = int(round(0.5 * spe))
+    states, step = [], 0
+    for _ in range(2):
+        perm = torch.randperm(a.train_x.shape[0], generator=gen)
+        for b in range(spe):
+            idx = perm[b * cfg.batch:(b + 1) * cfg.batch]
+            xb = cifar.augment(a.train_x[idx], gen)
+            loss = torch.nn.functional.cross_entropy(model(cifar.normalize(xb), "a"), a.train_y[idx])
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p -= 0.02 * min(1.0, (step + 1) / warm) * g
+            step += 1
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
+    return states
+
+
 def test_finish_phase_starts_from_the_base_checkpoint(src, tmp_path):
     """The finish phase reuses the checkpoint of the config without it (trained first when absent),
     trains only its own epochs at its own constant rate, resumes exactly, and has its own key; a
@@ -219,25 +246,8 @@ def test_finish_phase_starts_from_the_base_checkpoint(src, tmp_path):
 
     # the same phase by hand: plain SGD (no momentum, no weight decay) from the base weights,
     # lr ramped over half an epoch to 0.02, generator seed + 2
-    model = P.make_model(cfg)
-    model.load_state_dict(base["state_dict"])
-    params = [p for n, p in model.named_parameters() if not n.startswith("head_b.")]
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
-    spe = a.train_x.shape[0] // cfg.batch
-    warm = int(round(0.5 * spe))
-    step = 0
-    for _ in range(2):
-        perm = torch.randperm(a.train_x.shape[0], generator=gen)
-        for b in range(spe):
-            idx = perm[b * cfg.batch:(b + 1) * cfg.batch]
-            xb = cifar.augment(a.train_x[idx], gen)
-            loss = torch.nn.functional.cross_entropy(model(cifar.normalize(xb), "a"), a.train_y[idx])
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p -= 0.02 * min(1.0, (step + 1) / warm) * g
-            step += 1
-    for k, v in model.state_dict().items():
+    states = _finish_by_hand(a, cfg, base["state_dict"])
+    for k, v in states[-1].items():
         assert torch.allclose(v, fin["state_dict"][k], rtol=1e-4, atol=1e-5), k
     # the resumed finish equals one uninterrupted
     other = P.pretrain_cifar(a, cfg, str(tmp_path / "fin2.pt"), base_path=base_path, **quiet)
@@ -285,30 +295,14 @@ def test_finish_phase_tail_averaging(src, tmp_path):
 
     # by hand: the finish phase's trajectory (as in the test above), averaging its last n_avg states
     base = P.pretrain_cifar(a, P.base_config(cfg), base_path, **quiet)
-    model = P.make_model(cfg)
-    model.load_state_dict(base["state_dict"])
-    params = [p for n, p in model.named_parameters() if not n.startswith("head_b.")]
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
-    warm = int(round(0.5 * spe))
-    states, step = [], 0
-    for _ in range(2):
-        perm = torch.randperm(a.train_x.shape[0], generator=gen)
-        for b in range(spe):
-            idx = perm[b * cfg.batch:(b + 1) * cfg.batch]
-            xb = cifar.augment(a.train_x[idx], gen)
-            loss = torch.nn.functional.cross_entropy(model(cifar.normalize(xb), "a"), a.train_y[idx])
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p -= 0.02 * min(1.0, (step + 1) / warm) * g
-            step += 1
-            states.append({k: v.clone() for k, v in model.state_dict().items()})
+    states = _finish_by_hand(a, cfg, base["state_dict"])
     tail = states[-n_avg:]
     for k, v in ck["state_dict"].items():
         mean = torch.stack([s_[k] for s_ in tail]).mean(0)
         assert torch.allclose(v, mean, rtol=1e-4, atol=1e-5), k
         assert torch.allclose(last["state_dict"][k], states[-1][k], rtol=1e-4, atol=1e-5), k
     assert not torch.equal(ck["state_dict"]["conv1.weight"], last["state_dict"]["conv1.weight"])
+    model = P.make_model(cfg)
     model.load_state_dict(ck["state_dict"])
     assert ck["test_acc"] == P.accuracy_u8(model, a.test_x, a.test_y)
     # resumed = uninterrupted
