@@ -5,7 +5,7 @@
 #
 # Here, once:                 bash experiments/gpu_quick.sh pack [PART_SIZE]
 #     -> .gpu/parts/cifar10.tgz.NN (PART_SIZE each, as split -b takes it, default 44M: with the
-#        11 MiB working tree under the 64 MiB a call carries) and .gpu/parts/SHA256SUMS
+#        13 MiB working tree (2026-12-05) under the 64 MiB a call carries) and .gpu/parts/SHA256SUMS
 # On the device, one call per part, back to back (the machine keeps /tmp while warm):
 #     carry [".gpu/parts/cifar10.tgz.NN", ".gpu/parts/SHA256SUMS"]
 #     command: bash experiments/gpu_quick.sh stash
