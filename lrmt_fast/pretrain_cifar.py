@@ -267,7 +267,8 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
         what = f"pretrain 5A seed {cfg.seed}"
         n_avg_steps = 0
     epoch, step, history = 0, 0, []
-    avg, n_avg = None, 0            # running mean of the averaged steps' weights, and their count
+    avg_from = total - n_avg_steps  # the weights after steps avg_from+1 .. total enter the mean
+    avg = None                      # their running mean so far (steps avg_from+1 .. step)
     partial = path + ".partial"
     if os.path.exists(partial):
         pk = load_checkpoint(partial, ("key", "model", "opt", "gen", "epoch", "step", "history"),
@@ -277,8 +278,7 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
             opt.load_state_dict(pk["opt"])
             gen.set_state(pk["gen"])
             epoch, step, history = int(pk["epoch"]), int(pk["step"]), list(pk["history"])
-            n_avg = int(pk.get("n_avg", 0))
-            if n_avg:
+            if pk.get("avg") is not None:
                 avg = {k: v.to(device) for k, v in pk["avg"].items()}
             log(f"pretrain-cifar: resuming {path} at epoch {epoch}/{n_epochs}")
         else:
@@ -307,8 +307,8 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
             running += float(loss.detach())
             cnt += 1
             step += 1
-            if step > total - n_avg_steps:
-                avg, n_avg = _average_in(avg, n_avg, model)
+            if step > avg_from:
+                avg = _average_in(avg, step - avg_from - 1, model)
             if bar is not None:
                 bar.update(1)
         epoch += 1
@@ -321,7 +321,7 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
         if step < total:
             atomic_save({"key": key, "model": model.state_dict(), "opt": opt.state_dict(),
                          "gen": gen.get_state(), "epoch": epoch, "step": step, "history": history,
-                         "n_avg": n_avg, "avg": {k: v.cpu() for k, v in avg.items()} if n_avg else None}, partial)
+                         "avg": {k: v.cpu() for k, v in avg.items()} if avg is not None else None}, partial)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 if bar is not None:
                     bar.close()
@@ -330,10 +330,10 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
         bar.close()
     test_acc = history[-1]["test_acc"]
     averaged = {}
-    if n_avg:
+    if n_avg_steps:
         model.load_state_dict({**model.state_dict(), **avg})
         test_acc = accuracy_u8(model, task.test_x, task.test_y, device=device)
-        averaged = {"averaged_steps": n_avg, "last_step_test_acc": history[-1]["test_acc"]}
+        averaged = {"averaged_steps": n_avg_steps, "last_step_test_acc": history[-1]["test_acc"]}
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ck = {"kind": "lrmt_taskA", "key": key, "config": dataclasses.asdict(cfg), "data_fp": data_fp,
           "task": task.name, "classes": list(task.classes), "state_dict": sd,
@@ -346,22 +346,22 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
         os.remove(partial)
     log(f"pretrain-cifar: {task.name} seed {cfg.seed}: {total} steps"
         + (f" of the finish phase from {base_path} ({base['test_acc']:.2f}%)" if finish else "")
-        + (f", weights averaged over its last {n_avg} (last step's test accuracy "
-           f"{averaged['last_step_test_acc']:.2f}%)" if n_avg else "")
+        + (f", weights averaged over its last {n_avg_steps} (last step's test accuracy "
+           f"{averaged['last_step_test_acc']:.2f}%)" if n_avg_steps else "")
         + f", test accuracy {ck['test_acc']:.2f}% -> {path}")
     return ck
 
 
 @torch.no_grad()
-def _average_in(avg: Optional[Dict[str, Tensor]], n: int, model: nn.Module) -> Tuple[Dict[str, Tensor], int]:
+def _average_in(avg: Optional[Dict[str, Tensor]], n: int, model: nn.Module) -> Dict[str, Tensor]:
     """The running mean ``avg`` of ``n`` weight states with ``model``'s current floating-point
-    state added: ``avg + (w - avg) / (n + 1)``."""
+    state added: ``avg + (w - avg) / (n + 1)`` (a copy of the state when ``n`` is 0)."""
     cur = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-    if avg is None or n == 0:
-        return {k: v.detach().clone() for k, v in cur.items()}, 1
+    if n == 0:
+        return {k: v.detach().clone() for k, v in cur.items()}
     for k, v in cur.items():
         avg[k] += (v - avg[k]) / (n + 1)
-    return avg, n + 1
+    return avg
 
 
 def default_path(cache_dir: str, task: Task, cfg: CifarPretrainConfig) -> str:
