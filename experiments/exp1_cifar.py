@@ -1,7 +1,7 @@
 """Experiment 1, CIFAR-5A -> CIFAR-5B (paper 5.2, Table 1 column 2, Figure 4 right), and the
 CIFAR pipeline shared with Experiments 2 and 3 (``exp2_cifar100.py``, ``exp3_unseen_init.py``).
 
-    lrmt exp1-cifar --profile {smoke,quick,cpu,cpu_lr0.03,cpu_finish,paper} --data-root DIR --out DIR [--seeds N]
+    lrmt exp1-cifar --profile {smoke,quick,cpu,cpu_lr0.03,cpu_finish,cpu_finish_avg,paper} --data-root DIR --out DIR [--seeds N]
                     [--resume] [--device cpu|cuda] [--impl reference|fused] [--cifar-check auto|md5|skip]
     torchrun --nproc_per_node 2 -m lrmt_fast exp1-cifar ...       (data-parallel meta-training)
     lrmt pretrain-cifar --data-root DIR                             (only the Task A checkpoint)

@@ -1,7 +1,7 @@
 """Experiment 2, CIFAR-5A -> 5 unseen CIFAR-100 classes (paper 5.3, Table 1 column 3, Figure 5
 left), and the pipeline it shares with Experiment 3 (``exp3_unseen_init.py``).
 
-    lrmt exp2-cifar100 --profile {smoke,quick,cpu,cpu_finish,paper} --data-root DIR --out DIR [--seeds N] [--resume]
+    lrmt exp2-cifar100 --profile {smoke,quick,cpu,cpu_finish,cpu_finish_avg,paper} --data-root DIR --out DIR [--seeds N] [--resume]
     torchrun --nproc_per_node 2 -m lrmt_fast exp2-cifar100 ...
 
 Meta-training: every episode draws Task B1 = 5 random classes of CIFAR-100 0-49 (all their
