@@ -76,13 +76,37 @@ def profile_names(path: str) -> List[str]:
         return []
 
 
+def _profile_chain(cfg: Dict, profile: str, path: str) -> List[Dict]:
+    """The named profile and those it ``extends``, the farthest first (cycles are an error)."""
+    profiles, chain, seen = cfg["profiles"], [], []
+    name = profile
+    while name is not None:
+        if name in seen:
+            raise ConfigError(f"profiles of {os.path.basename(path)} extend each other in a cycle: "
+                              f"{' -> '.join(seen + [name])}")
+        if name not in profiles:
+            where = f" (extended by {seen[-1]!r})" if seen else ""
+            raise ConfigError(f"unknown profile {name!r}{where} in {os.path.basename(path)}: "
+                              f"choose one of {', '.join(profiles)}")
+        body = profiles[name]
+        if not isinstance(body, dict):
+            raise ConfigError(f"profile {name!r} of {os.path.basename(path)} is not a JSON object")
+        seen.append(name)
+        chain.insert(0, {k: v for k, v in body.items() if k != "extends"})
+        name = body.get("extends")
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"profile {seen[-1]!r} of {os.path.basename(path)}: 'extends' must "
+                              f"name another profile, not {name!r}")
+    return chain
+
+
 def resolve_profile(path: str, profile: str) -> Dict:
-    """The ``defaults`` of the config file merged with the named profile."""
+    """The ``defaults`` of the config file merged with the named profile, after the profiles it
+    ``extends`` (a profile ``{"extends": "cpu", ...}`` is ``cpu`` with its own keys merged in)."""
     cfg = read_config_file(path)
-    if profile not in cfg["profiles"]:
-        raise ConfigError(f"unknown profile {profile!r} in {os.path.basename(path)}: "
-                          f"choose one of {', '.join(cfg['profiles'])}")
-    out = deep_merge(cfg.get("defaults", {}), cfg["profiles"][profile])
+    out = cfg.get("defaults", {})
+    for body in _profile_chain(cfg, profile, path):
+        out = deep_merge(out, body)
     out["profile"] = profile
     out.setdefault("experiment", cfg.get("experiment", os.path.splitext(os.path.basename(path))[0]))
     return out

@@ -506,6 +506,52 @@ def test_wrong_profile_name(bad_runs, tmp_path):
     assert "unknown profile" not in err and "no_data" in err
 
 
+def test_profile_extends(tmp_path):
+    from experiments.common import ConfigError, resolve_profile
+    cfg = tmp_path / "ext.json"
+    base = {"metatrain": {"lr": 0.1, "max_steps": 500}, "methods": {"sgd": {"kind": "sgd"}}, "seeds": 5}
+    profiles = {
+        "cpu": {"_doc": "cpu", "metatrain": {"max_steps": 100}, "seeds": 2},
+        "cpu_finish": {"_doc": "f", "extends": "cpu", "pretrain": {"finish_epochs": 4},
+                       "methods": {"ours": {"kind": "ours"}}},
+        "cpu_finish_avg": {"extends": "cpu_finish", "pretrain": {"finish_average_epochs": 2}},
+    }
+    cfg.write_text(json.dumps({"experiment": "x", "defaults": base, "profiles": profiles}))
+    r = resolve_profile(str(cfg), "cpu_finish_avg")
+    assert r["metatrain"] == {"lr": 0.1, "max_steps": 100} and r["seeds"] == 2
+    assert r["pretrain"] == {"finish_epochs": 4, "finish_average_epochs": 2}
+    assert r["methods"] == {"ours": {"kind": "ours"}}          # replaced as a whole, as without
+    assert "extends" not in r and r["profile"] == "cpu_finish_avg"
+    assert resolve_profile(str(cfg), "cpu")["metatrain"] == {"lr": 0.1, "max_steps": 100}
+    for bad, words in [({"a": {"extends": "b"}, "b": {"extends": "a"}}, ["cycle", "a -> b -> a"]),
+                       ({"a": {"extends": "nope"}}, ["unknown profile 'nope'", "extended by 'a'"]),
+                       ({"a": {"extends": 3}}, ["'extends' must name another profile"]),
+                       ({"a": {"extends": "a"}}, ["cycle", "a -> a"])]:
+        cfg.write_text(json.dumps({"experiment": "x", "profiles": bad}))
+        with pytest.raises(ConfigError) as e:
+            resolve_profile(str(cfg), "a")
+        assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_shipped_cifar_profiles_that_extend_others():
+    """The CPU and quick profiles written as 'extends' resolve to the settings their results and
+    the committed checkpoints' keys were made with."""
+    from experiments.common import resolve_profile
+    d = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
+    for f in ("exp1_cifar.json", "exp2_cifar100.json"):
+        cpu, fin, avg = (resolve_profile(os.path.join(d, f), p) for p in ("cpu", "cpu_finish", "cpu_finish_avg"))
+        assert fin["metatrain"]["max_steps"] == avg["metatrain"]["max_steps"] == 100
+        assert fin["metatrain"]["lr"] == 0.1 and fin["metatrain_budget"] == {"max_total_steps": 400, "chunk_episodes": 1}
+        assert fin["methods"] == cpu["methods"] and len(cpu["methods"]) == 7 and fin["seeds"] == 2
+        assert fin["readout"]["train_size"] == 2000 and fin["metatest"]["every"] == 100
+        assert {k: v for k, v in avg["pretrain"].items() if k != "finish_average_epochs"} == fin["pretrain"]
+        assert avg["pretrain"]["finish_average_epochs"] == 2 and "finish_average_epochs" not in fin["pretrain"]
+        quick, paper = (resolve_profile(os.path.join(d, f), p) for p in ("quick", "paper"))
+        assert quick["pretrain"] == paper["pretrain"] and quick["metatrain_budget"]["max_total_steps"] == 4000
+    lr03 = resolve_profile(os.path.join(d, "exp1_cifar.json"), "cpu_lr0.03")
+    assert lr03["metatrain"]["lr"] == lr03["metatest"]["lr"] == 0.03 and lr03["metatrain"]["max_steps"] == 100
+
+
 @pytest.mark.parametrize("argv, status, words", [
     (["--seeds", "0"], 2, ["invalid --seeds '0'"]),
     (["--seeds", "1,1"], 2, ["invalid --seeds '1,1'"]),
