@@ -2,7 +2,7 @@
 
     lrmt pretrain-cifar-pool --profile paper --data-root DIR            (the checkpoint pool; resumable)
     torchrun --nproc_per_node 8 -m lrmt_fast pretrain-cifar-pool ...    (each rank pretrains every 8th)
-    lrmt exp3-unseen-init --profile {smoke,quick,cpu_finish,paper} --data-root DIR --out DIR [--resume]
+    lrmt exp3-unseen-init --profile {smoke,quick,cpu_finish,cpu_finish_avg,paper} --data-root DIR --out DIR [--resume]
 
 As Experiment 2, but meta-training draws, per episode, one of ``pool.n_train`` Task A
 checkpoints (paper: 100, seeds ``seed0 .. seed0+99`` of the same pretraining config),

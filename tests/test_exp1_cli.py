@@ -548,6 +548,11 @@ def test_shipped_cifar_profiles_that_extend_others():
         assert avg["pretrain"]["finish_average_epochs"] == 2 and "finish_average_epochs" not in fin["pretrain"]
         quick, paper = (resolve_profile(os.path.join(d, f), p) for p in ("quick", "paper"))
         assert quick["pretrain"] == paper["pretrain"] and quick["metatrain_budget"]["max_total_steps"] == 4000
+    e3 = os.path.join(d, "exp3_unseen_init.json")
+    fin3, avg3 = resolve_profile(e3, "cpu_finish"), resolve_profile(e3, "cpu_finish_avg")
+    assert {k: v for k, v in avg3.items() if k not in ("pretrain", "profile")} == \
+        {k: v for k, v in fin3.items() if k not in ("pretrain", "profile")}
+    assert avg3["pretrain"] == dict(fin3["pretrain"], finish_average_epochs=2) and fin3["pretrain"]["epochs"] == 6
     lr03 = resolve_profile(os.path.join(d, "exp1_cifar.json"), "cpu_lr0.03")
     assert lr03["metatrain"]["lr"] == lr03["metatest"]["lr"] == 0.03 and lr03["metatrain"]["max_steps"] == 100
 
