@@ -553,6 +553,14 @@ def test_shipped_cifar_profiles_that_extend_others():
     assert {k: v for k, v in avg3.items() if k not in ("pretrain", "profile")} == \
         {k: v for k, v in fin3.items() if k not in ("pretrain", "profile")}
     assert avg3["pretrain"] == dict(fin3["pretrain"], finish_average_epochs=2) and fin3["pretrain"]["epochs"] == 6
+    # the meta-training budget series: only the budget (and which methods are tested) differ
+    e1 = os.path.join(d, "exp1_cifar.json")
+    avg1, x2, x4 = (resolve_profile(e1, p) for p in ("cpu_finish_avg", "cpu_finish_avg_x2", "cpu_finish_avg_x4"))
+    for x, cap, meths in ((x2, 800, ["ours"]), (x4, 1600, ["sgd", "ours"])):
+        assert x["metatrain_budget"] == {"max_total_steps": cap, "chunk_episodes": 1}
+        assert sorted(x["methods"]) == sorted(meths) and all(x["methods"][m] == avg1["methods"][m] for m in meths)
+        same = lambda c: {k: v for k, v in c.items() if k not in ("metatrain_budget", "methods", "profile")}
+        assert same(x) == same(avg1)
     lr03 = resolve_profile(os.path.join(d, "exp1_cifar.json"), "cpu_lr0.03")
     assert lr03["metatrain"]["lr"] == lr03["metatest"]["lr"] == 0.03 and lr03["metatrain"]["max_steps"] == 100
 

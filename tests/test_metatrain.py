@@ -174,3 +174,39 @@ def test_curriculum_check_rollout_and_episode_end():
     expect = float(meta_loss(model, teacher, w0, torch.cat([xa, xb]), cfg))
     assert curves["freeze"][0] == pytest.approx(expect, rel=1e-6)
     assert curves["freeze"][0] > 0 and curves["sgd"][0] < curves["freeze"][0]
+
+
+@pytest.mark.parametrize("runner", ["common", "distributed"])
+def test_step_budget_stops_at_chunk_boundary_and_extends_from_a_seeded_checkpoint(tmp_path, runner):
+    """The experiments' ``metatrain_budget``: meta-training stops at the first chunk of episodes
+    whose steps reach ``max_total_steps``; a larger budget resumed from a smaller run's
+    checkpoint (how the ``cpu_finish_avg_x4`` profile continues ``_x2``) ends where one
+    uninterrupted run with the larger budget ends, bit for bit."""
+    import shutil
+    from experiments.common import metatrain_with_budget
+    from experiments.exp1_cifar import metatrain_distributed
+
+    def run(out, cap, resume=False):
+        budget = {"max_total_steps": cap, "chunk_episodes": 1}
+        if runner == "common":
+            return metatrain_with_budget(model, _stream(model), cfg, str(out), resume, budget, progress=False,
+                                         log=lambda *_: None)
+        os.makedirs(out, exist_ok=True)
+        return metatrain_distributed(model, _stream(model), cfg, str(out), resume, budget, None, False,
+                                     lambda *_: None)
+
+    model = TinyNet()
+    cfg = _cfg(episodes=5)                           # no restarts: every episode is 6 steps
+    small = run(tmp_path / "small", 7)               # 6 < 7 after one episode, 12 >= 7 after two
+    assert [h["steps"] for h in small] == [6, 6]
+    assert len(run(tmp_path / "exact", 12)) == 2     # reaching the cap exactly stops too
+    straight = run(tmp_path / "straight", 19)        # 18 < 19: a fourth episode
+    assert len(straight) == 4
+    os.makedirs(tmp_path / "seeded")
+    shutil.copy(tmp_path / "small" / "meta_ckpt.pt", tmp_path / "seeded" / "meta_ckpt.pt")
+    seeded = run(tmp_path / "seeded", 19, resume=True)
+    assert seeded == straight
+    a, b = (load_meta(str(tmp_path / d / "meta_ckpt.pt")) for d in ("straight", "seeded"))
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), k
+    assert len(run(tmp_path / "all", 10 ** 6)) == 5  # the episodes bound the run before a large cap
