@@ -561,6 +561,10 @@ def test_shipped_cifar_profiles_that_extend_others():
         assert sorted(x["methods"]) == sorted(meths) and all(x["methods"][m] == avg1["methods"][m] for m in meths)
         same = lambda c: {k: v for k, v in c.items() if k not in ("metatrain_budget", "methods", "profile")}
         assert same(x) == same(avg1)
+    ep500 = resolve_profile(e1, "cpu_finish_avg_x4_ep500")
+    assert ep500["metatrain"] == dict(x4["metatrain"], max_steps=500) and list(ep500["methods"]) == ["ours"]
+    assert {k: v for k, v in ep500.items() if k not in ("metatrain", "methods", "profile")} == \
+        {k: v for k, v in x4.items() if k not in ("metatrain", "methods", "profile")}
     lr03 = resolve_profile(os.path.join(d, "exp1_cifar.json"), "cpu_lr0.03")
     assert lr03["metatrain"]["lr"] == lr03["metatest"]["lr"] == 0.03 and lr03["metatrain"]["max_steps"] == 100
 
