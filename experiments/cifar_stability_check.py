@@ -19,10 +19,12 @@ sharpness). This measures, on the Task A checkpoint the profile uses:
   students, ``freeze`` (the Task A trunk; it measures how far the teacher moves) and ``sgd``
   (a freshly initialised meta-learner, i.e. plain SGD on Task B), and the step at which the
   first curriculum threshold would end each episode: the episode lengths meta-training can
-  start from.
+  start from. With ``--meta CKPT`` a trained meta-learner (a meta-training checkpoint) is rolled
+  out as a third student, ``meta``: run past the episode length it was trained on, it shows
+  how its loss behaves beyond that horizon.
 
     python -m experiments.cifar_stability_check --data-root data [--profile cpu]
-        [--taskA-ckpt FILE] [--lrs 0.1,0.03,0.01] [--steps 8] [--episodes 4] [--out FILE]
+        [--taskA-ckpt FILE] [--lrs 0.1,0.03,0.01] [--steps 8] [--episodes 4] [--meta CKPT] [--out FILE]
 
 docs/cifar.md (section 2, "Is the paper's lr 0.1 stable on this Task A network?" and "The
 finish phase") reports what it shows.
@@ -108,24 +110,35 @@ def check(model, w0: Dict[str, Tensor], task_a, task_b, lrs: Sequence[float], st
             "max_stable_lr": (2.0 / lam) if lam > 0 else None, "teacher_task_a_loss": runs}
 
 
-def curriculum(model, stream, mcfg, lrs: Sequence[float], episodes: int, steps: int, seed: int = 1) -> Dict:
+def curriculum(model, stream, mcfg, lrs: Sequence[float], episodes: int, steps: int, seed: int = 1,
+               meta=None) -> Dict:
     """Per learning rate: the mean meta-training loss per step of the ``freeze`` and ``sgd``
-    students over ``episodes`` episodes, and the step at which each episode would end under the
-    first curriculum threshold (None: it would not end within ``steps``)."""
+    students (and of ``meta``, a trained meta-learner, if given) over ``episodes`` episodes, and
+    the step at which each episode would end under the first curriculum threshold (None: it
+    would not end within ``steps``)."""
     import dataclasses
     from experiments.curriculum_check import rollout, summarize
     from lrmt_fast.metatrain import build_meta_learner
-    sgd = build_meta_learner(model, mcfg.hidden, mcfg.hidden_gn).to(next(model.parameters()).device)
-    sgd.requires_grad_(False)
+    dev = next(model.parameters()).device
+    students = {"sgd": build_meta_learner(model, mcfg.hidden, mcfg.hidden_gn).to(dev)}
+    if meta is not None:
+        students["meta"] = meta.to(dev)
+    for m in students.values():    # rolled out only: no graph to theta
+        m.requires_grad_(False)
     out = {}
     for lr in lrs:
         c = dataclasses.replace(mcfg, lr=float(lr))
-        per_ep = [rollout(model, {"sgd": sgd}, stream, e, steps, c, seed) for e in range(episodes)]
+        per_ep = [rollout(model, students, stream, e, steps, c, seed) for e in range(episodes)]
         mean, ends = summarize(per_ep, {"start": mcfg.thresh_start})
         out[str(lr)] = {"mean_loss_per_step": mean,
                         "episode_end_step": {n: e["start"] for n, e in ends.items()}}
     return {"threshold": mcfg.thresh_start, "loss_coef": mcfg.loss_coef, "episodes": episodes, "steps": steps,
             "by_lr": out}
+
+
+def _shown_steps(n: int) -> List[int]:
+    """The steps printed of a long curve: 1, 5, 10, 25, 50 and every 50th up to ``n``, and ``n``."""
+    return sorted({t for t in (1, 5, 10, 25, *range(50, n + 1, 50), n) if t <= n})
 
 
 def main(argv=None) -> int:
@@ -148,8 +161,12 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20, help="power iterations")
     p.add_argument("--episodes", type=int, default=0, help="meta-training episodes rolled out per lr (0: none)")
     p.add_argument("--curriculum-steps", type=int, default=20, help="steps of each rolled-out episode")
+    p.add_argument("--meta", default=None, metavar="CKPT",
+                   help="with --episodes: a meta-training checkpoint rolled out as a third student")
     p.add_argument("--out", default=None, help="JSON output (default: print only)")
     args = p.parse_args(argv)
+    if args.meta and args.episodes <= 0:
+        p.error("--meta rolls out a meta-learner in the curriculum episodes: give --episodes E > 0 too")
 
     cfg = common.resolve_profile(args.config or E.CONFIG, args.profile)
     device = common.pick_device(args.device)
@@ -168,7 +185,12 @@ def main(argv=None) -> int:
         mcfg = MetaTrainConfig.from_dict(cfg.get("metatrain") or {})
         b1, _ = split_b(task_b, int(cfg.get("data", {}).get("split_seed", 0)))
         stream = E.b1_stream(cfg, task_a, b1, w0, device)
-        res["curriculum"] = curriculum(model, stream, mcfg, lrs, args.episodes, args.curriculum_steps)
+        meta = None
+        if args.meta:
+            from lrmt_fast.metatrain import load_meta
+            meta = load_meta(args.meta, device=device)
+        res["curriculum"] = curriculum(model, stream, mcfg, lrs, args.episodes, args.curriculum_steps, meta=meta)
+        res["curriculum"]["meta"] = args.meta
     res.update(profile=args.profile, task_a_checkpoint=info["path"], task_a_test_acc=info["test_acc"])
     print(f"Task A checkpoint {info['path']} ({info['test_acc']:.2f}% test)")
     print(f"Task A cross-entropy on {args.batch} training images: {res['task_a_loss']:.4f}; "
@@ -178,8 +200,10 @@ def main(argv=None) -> int:
     cur = res.get("curriculum")
     for k, v in (cur or {}).get("by_lr", {}).items():
         for n, curve in v["mean_loss_per_step"].items():
+            shown = (f"{[round(x, 1) for x in curve]}" if len(curve) <= 30 else
+                     ", ".join(f"step {t}: {curve[t - 1]:.1f}" for t in _shown_steps(len(curve))))
             print(f"lr {k}, student {n}: meta-training loss per step (mean of {cur['episodes']}) "
-                  f"{[round(x, 1) for x in curve]}; episodes end (threshold {cur['threshold']:g}) at step "
+                  f"{shown}; episodes end (threshold {cur['threshold']:g}) at step "
                   f"{v['episode_end_step'][n]}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

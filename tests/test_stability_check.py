@@ -69,3 +69,69 @@ def test_command_on_tiny_cifar(tmp_path, capsys):
     assert cur["by_lr"]["0.0001"]["episode_end_step"]["freeze"] == [None, None]
     text = capsys.readouterr().out
     assert "plain SGD is stable for lr <" in text and "student freeze: meta-training loss per step" in text
+
+
+def test_meta_student_rolls_out_a_trained_meta_learner(tmp_path, capsys):
+    """``--meta CKPT``: a third student. A meta-learner at its initialisation (delta = 1) takes
+    plain SGD steps, so its curve is the ``sgd`` student's; one whose output layer gives delta = 0
+    never moves the trunk, so its curve is the ``freeze`` student's."""
+    from experiments import common
+    from experiments import exp1_cifar as E
+    from lrmt_fast.checkpoint import atomic_save
+    from lrmt_fast.metatrain import MetaTrainConfig, build_meta_learner
+    from lrmt_fast.pretrain_cifar import CifarPretrainConfig, make_model
+
+    data = str(tmp_path / "data")
+    cifar.write_tiny_cifar(data, n_train_per_class=6, n_test_per_class=2, seed=3)
+    cfg = common.resolve_profile(E.CONFIG, "smoke")
+    mcfg = MetaTrainConfig.from_dict(cfg["metatrain"])
+    model = make_model(common.dataclass_from(CifarPretrainConfig, cfg["pretrain"], "pretrain"))
+    paths = {}
+    for name, b_out in (("init", None), ("zero", 0.0)):
+        meta = build_meta_learner(model, mcfg.hidden, mcfg.hidden_gn)
+        if b_out is not None:
+            with torch.no_grad():
+                for lay in meta.layers:
+                    meta.learner(lay).b_out.fill_(b_out)
+        paths[name] = str(tmp_path / f"meta_{name}.pt")
+        atomic_save({"kind": "lrmt_meta", "meta_config": meta.config(), "meta_state": meta.state_dict()},
+                    paths[name])
+    curves = {}
+    for name, path in paths.items():
+        out = tmp_path / f"check_{name}.json"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rc = main(["--data-root", data, "--profile", "smoke", "--cache-dir", str(tmp_path / "cache"),
+                       "--no-download", "--lrs", "0.1", "--steps", "1", "--batch", "16", "--iters", "2",
+                       "--episodes", "2", "--curriculum-steps", "4", "--meta", path, "--out", str(out)])
+        assert rc == 0
+        res = json.loads(out.read_text())
+        assert res["curriculum"]["meta"] == path
+        curves[name] = res["curriculum"]["by_lr"]["0.1"]["mean_loss_per_step"]
+    cifar.clear_cache()
+    assert set(curves["init"]) == {"freeze", "sgd", "meta"}
+    assert curves["init"]["meta"] == pytest.approx(curves["init"]["sgd"], rel=1e-5, abs=1e-7)
+    assert curves["zero"]["meta"] == pytest.approx(curves["zero"]["freeze"], rel=1e-5, abs=1e-7)
+    assert curves["zero"]["sgd"][-1] > 1.01 * curves["zero"]["freeze"][-1] or \
+        curves["zero"]["sgd"][-1] < 0.99 * curves["zero"]["freeze"][-1]     # the two cases differ
+    assert "student meta: meta-training loss per step" in capsys.readouterr().out
+
+
+def test_meta_without_episodes_or_bad_checkpoint(tmp_path, capsys):
+    """``--meta`` without ``--episodes`` is a usage error; a corrupt ``--meta`` file is a clear
+    error naming it, not a traceback deep in the rollout."""
+    from lrmt_fast.checkpoint import CheckpointError
+    with pytest.raises(SystemExit) as e:
+        main(["--meta", "x.pt"])
+    assert e.value.code == 2 and "give --episodes E > 0 too" in capsys.readouterr().err
+    data = str(tmp_path / "data")
+    cifar.write_tiny_cifar(data, n_train_per_class=6, n_test_per_class=2, seed=3)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with warnings.catch_warnings(), pytest.raises(CheckpointError) as e:
+        warnings.simplefilter("ignore")
+        main(["--data-root", data, "--profile", "smoke", "--cache-dir", str(tmp_path / "cache"), "--no-download",
+              "--lrs", "0.1", "--steps", "1", "--batch", "16", "--iters", "2", "--episodes", "1",
+              "--curriculum-steps", "2", "--meta", str(bad)])
+    cifar.clear_cache()
+    assert str(bad) in str(e.value)
