@@ -548,10 +548,12 @@ def test_shipped_cifar_profiles_that_extend_others():
         assert avg["pretrain"]["finish_average_epochs"] == 2 and "finish_average_epochs" not in fin["pretrain"]
         quick, paper = (resolve_profile(os.path.join(d, f), p) for p in ("quick", "paper"))
         assert quick["pretrain"] == paper["pretrain"] and quick["metatrain_budget"]["max_total_steps"] == 4000
+    def without(c, *keys):      # a resolved profile less its name and ``keys``
+        return {k: v for k, v in c.items() if k not in keys + ("profile",)}
+
     e3 = os.path.join(d, "exp3_unseen_init.json")
     fin3, avg3 = resolve_profile(e3, "cpu_finish"), resolve_profile(e3, "cpu_finish_avg")
-    assert {k: v for k, v in avg3.items() if k not in ("pretrain", "profile")} == \
-        {k: v for k, v in fin3.items() if k not in ("pretrain", "profile")}
+    assert without(avg3, "pretrain") == without(fin3, "pretrain")
     assert avg3["pretrain"] == dict(fin3["pretrain"], finish_average_epochs=2) and fin3["pretrain"]["epochs"] == 6
     # the meta-training budget series: only the budget (and which methods are tested) differ
     e1 = os.path.join(d, "exp1_cifar.json")
@@ -559,12 +561,10 @@ def test_shipped_cifar_profiles_that_extend_others():
     for x, cap, meths in ((x2, 800, ["ours"]), (x4, 1600, ["sgd", "ours"])):
         assert x["metatrain_budget"] == {"max_total_steps": cap, "chunk_episodes": 1}
         assert sorted(x["methods"]) == sorted(meths) and all(x["methods"][m] == avg1["methods"][m] for m in meths)
-        same = lambda c: {k: v for k, v in c.items() if k not in ("metatrain_budget", "methods", "profile")}
-        assert same(x) == same(avg1)
+        assert without(x, "metatrain_budget", "methods") == without(avg1, "metatrain_budget", "methods")
     ep500 = resolve_profile(e1, "cpu_finish_avg_x4_ep500")
     assert ep500["metatrain"] == dict(x4["metatrain"], max_steps=500) and list(ep500["methods"]) == ["ours"]
-    assert {k: v for k, v in ep500.items() if k not in ("metatrain", "methods", "profile")} == \
-        {k: v for k, v in x4.items() if k not in ("metatrain", "methods", "profile")}
+    assert without(ep500, "metatrain", "methods") == without(x4, "metatrain", "methods")
     lr03 = resolve_profile(os.path.join(d, "exp1_cifar.json"), "cpu_lr0.03")
     assert lr03["metatrain"]["lr"] == lr03["metatest"]["lr"] == 0.03 and lr03["metatrain"]["max_steps"] == 100
 

@@ -77,8 +77,7 @@ def test_meta_student_rolls_out_a_trained_meta_learner(tmp_path, capsys):
     never moves the trunk, so its curve is the ``freeze`` student's."""
     from experiments import common
     from experiments import exp1_cifar as E
-    from lrmt_fast.checkpoint import atomic_save
-    from lrmt_fast.metatrain import MetaTrainConfig, build_meta_learner
+    from lrmt_fast.metatrain import MetaTrainConfig, build_meta_learner, save_meta_checkpoint
     from lrmt_fast.pretrain_cifar import CifarPretrainConfig, make_model
 
     data = str(tmp_path / "data")
@@ -94,8 +93,7 @@ def test_meta_student_rolls_out_a_trained_meta_learner(tmp_path, capsys):
                 for lay in meta.layers:
                     meta.learner(lay).b_out.fill_(b_out)
         paths[name] = str(tmp_path / f"meta_{name}.pt")
-        atomic_save({"kind": "lrmt_meta", "meta_config": meta.config(), "meta_state": meta.state_dict()},
-                    paths[name])
+        save_meta_checkpoint(paths[name], meta, torch.optim.Adam(meta.parameters()), mcfg, 0, [])
     curves = {}
     for name, path in paths.items():
         out = tmp_path / f"check_{name}.json"

@@ -18,7 +18,7 @@ from experiments import exp1_cifar as E
 from lrmt_fast.baselines import OursLearner
 from lrmt_fast.metatrain import load_meta, student_meta_update
 from lrmt_fast.pretrain import fresh_head_b
-from lrmt_fast.pretrain_cifar import CifarPretrainConfig, make_model
+from lrmt_fast.pretrain_cifar import CifarPretrainConfig
 from lrmt_fast.student import param_dict
 
 TASK_A = "experiments/results/cifar5a_pretrain_finish_avg/cifar5a-c89cbb7a6ec4.pt"
@@ -27,8 +27,8 @@ TASK_A = "experiments/results/cifar5a_pretrain_finish_avg/cifar5a-c89cbb7a6ec4.p
 def main(meta_path: str, steps: int = 6) -> None:
     torch.manual_seed(0)
     cfg = common.resolve_profile(E.CONFIG, "cpu_finish_avg")
-    model = make_model(common.dataclass_from(CifarPretrainConfig, cfg["pretrain"], "pretrain"))
-    model.load_state_dict(torch.load(TASK_A, map_location="cpu", weights_only=False)["state_dict"])
+    pcfg = common.dataclass_from(CifarPretrainConfig, cfg["pretrain"], "pretrain")
+    model = E.build_model(pcfg, torch.load(TASK_A, map_location="cpu", weights_only=False)["state_dict"], "cpu")
     meta = load_meta(meta_path).requires_grad_(False)
     w0 = fresh_head_b(param_dict(model), torch.Generator().manual_seed(3))
     ours = OursLearner(model, {k: v.clone() for k, v in w0.items()}, meta, 0.1, impl="fused")
