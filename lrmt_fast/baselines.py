@@ -19,7 +19,12 @@ ewc            CE_B + coef/2 * sum_i F_i (w_i - w*_i)^2 over the trunk, F the
 teacher        multi-task SGD on x_A u x_B (Task A batch from Task A's training
                data), loss CE_A + CE_B: the teacher of meta-training
 ours           the trained meta-learner on the trunk, SGD on head_b
-               (:func:`lrmt_fast.metatrain.student_meta_update`)
+               (:func:`lrmt_fast.metatrain.student_meta_update`); option
+               ``reset_every`` K (not in the paper, a diagnostic): the LSTM
+               state is reset to zero after every K steps, as at the start of
+               a meta-training episode (docs/cifar.md, "past the horizon");
+               option ``trace`` (bool): record the gate step by step
+               (:mod:`lrmt_fast.gate_trace`), kept as the run's ``gate_trace``
 =============  ==============================================================
 """
 from __future__ import annotations
@@ -161,21 +166,39 @@ class OursLearner(Learner):
 
     name = "ours"
 
-    def __init__(self, model, params, meta, lr, impl=None):
+    def __init__(self, model, params, meta, lr, impl=None, reset_every: Optional[int] = None,
+                 trace: bool = False):
         super().__init__(params)
+        if not isinstance(trace, bool):
+            raise ValueError(f"method 'ours': trace must be true or false, got {trace!r}")
+        if reset_every is not None and (isinstance(reset_every, bool) or not isinstance(reset_every, int)
+                                        or reset_every < 1):
+            raise ValueError(f"method 'ours': reset_every must be a positive integer (steps), got {reset_every!r}")
         # a private copy whose theta needs no grad: the rollout builds no graph
         self.meta = copy.deepcopy(meta).requires_grad_(False)
         dev = next(iter(self.params.values())).device
         self.state = self.meta.init_state(device=dev)
         self.model, self.lr, self.impl = model, lr, impl
+        self.reset_every, self.steps_done = reset_every, 0
+        self.trace = None
+        if trace:
+            from .gate_trace import GateTrace
+            self.trace = GateTrace()
 
     def step(self, xb, yb) -> float:
         """The meta-test update, in place and without a graph (DESIGN.md section 2): the
         trunk weights and the LSTM state are overwritten (the fused path allocates nothing
-        per step), SGD on head_b; the same arithmetic as meta-training's update."""
+        per step), SGD on head_b; the same arithmetic as meta-training's update. With
+        ``reset_every`` K the state is zeroed (in place) after every K steps."""
         from .metatrain import student_meta_update
+        if self.reset_every and self.steps_done and self.steps_done % self.reset_every == 0:
+            for h, c in self.state.values():
+                h.zero_()
+                c.zero_()
+        self.steps_done += 1
         _, _, _, loss = student_meta_update(self.model, self.meta, self.params, self.state, xb, yb, self.lr,
-                                            impl=self.impl, in_place=True)
+                                            impl=self.impl, in_place=True,
+                                            observe=self.trace.record if self.trace is not None else None)
         return float(loss)
 
 
@@ -244,7 +267,8 @@ def make_learner(spec: Dict, ctx: MethodContext, params: Params, next_a: Optiona
     elif kind == "ours":
         if ctx.meta is None:
             raise ValueError("method 'ours' needs a trained meta-learner")
-        learner = OursLearner(model, params, ctx.meta, lr, ctx.impl)
+        learner = OursLearner(model, params, ctx.meta, lr, ctx.impl, reset_every=spec.pop("reset_every", None),
+                              trace=spec.pop("trace", False))
     else:
         raise ValueError(f"unknown method kind {kind!r}: expected one of {KINDS}")
     if spec:

@@ -76,6 +76,8 @@ def rollout(learner, stream_b: BatchStream, readout: Readout, cfg: MetaTestConfi
             losses = []
             if t == cfg.steps:
                 out["joint_readout"] = r["joint_readout"]
+                if getattr(learner, "trace", None) is not None:    # "ours" with option trace
+                    out["gate_trace"] = learner.trace.to_dict()
         if t == cfg.steps:
             break
         xb, yb = stream_b.next()

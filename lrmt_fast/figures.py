@@ -20,7 +20,7 @@ import contextlib
 import json
 import math
 import os
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -130,25 +130,24 @@ def _merge_group(a: Dict, b: Dict) -> Dict:
 
 
 @contextlib.contextmanager
-def record_deltas(hist: DeltaHistogram):
-    """Within the block, every *meta-test* update of any :class:`MetaLearner` adds its deltas
-    to ``hist``: ``step_`` (in place, reference or fused), and ``step`` when it builds no graph
-    to theta (theta frozen or grad disabled, as in the rollouts of "ours"). Meta-training
-    steps (theta requiring grad) are not recorded. The two methods are wrapped on the class
-    for the duration of the block only, so the shared rollout code is recorded unchanged."""
+def observe_meta_updates(fn: Callable):
+    """Within the block, ``fn(meta_learner, deltas, grads, state)`` is called after every
+    *meta-test* update of any :class:`MetaLearner`: ``step_`` (in place, reference or fused),
+    and ``step`` when it builds no graph to theta (theta frozen or grad disabled, as in the
+    rollouts of "ours"); ``deltas`` = {layer key: delta [Cout, P]}, ``grads`` the student's
+    gradients the update used, ``state`` the LSTM state after it. Meta-training steps (theta
+    requiring grad) are not observed. The two methods are wrapped on the class for the duration
+    of the block only, so the shared rollout code is observed unchanged."""
     from .meta_learner import MetaLearner
 
     orig_step, orig_step_ = MetaLearner.step, MetaLearner.step_
     depth = {"step_": 0}
 
-    def kinds(ml):
-        return {l.key: l.kind for l in ml.layers}
-
     def step(self, params, grads, acts, state, lr, impl=None, snapshot=False):
         out = orig_step(self, params, grads, acts, state, lr, impl=impl, snapshot=snapshot)
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         if not training and depth["step_"] == 0:
-            hist.add_step(out[2], kinds(self))
+            fn(self, out[2], grads, out[1])
         return out
 
     def step_(self, params, grads, acts, state, lr, impl=None):
@@ -158,14 +157,25 @@ def record_deltas(hist: DeltaHistogram):
         finally:
             depth["step_"] -= 1
         if depth["step_"] == 0:
-            hist.add_step(deltas, kinds(self))
+            fn(self, deltas, grads, state)
         return deltas
 
     MetaLearner.step, MetaLearner.step_ = step, step_
     try:
-        yield hist
+        yield fn
     finally:
         MetaLearner.step, MetaLearner.step_ = orig_step, orig_step_
+
+
+@contextlib.contextmanager
+def record_deltas(hist: DeltaHistogram):
+    """Within the block, every meta-test update of any :class:`MetaLearner` adds its deltas to
+    ``hist`` (:func:`observe_meta_updates`)."""
+    def add(ml, deltas, grads, state):
+        hist.add_step(deltas, {l.key: l.kind for l in ml.layers})
+
+    with observe_meta_updates(add):
+        yield hist
 
 
 # --------------------------------------------------------------------------- plots

@@ -155,24 +155,30 @@ def _head(model: nn.Module, params: Dict[str, Tensor], head: str, z: Tensor) -> 
 
 def student_meta_update(model: nn.Module, meta: MetaLearner, params: Dict[str, Tensor], state,
                         xb: Tensor, yb: Tensor, lr: float, impl: Optional[str] = None,
-                        train: bool = False, in_place: bool = False):
+                        train: bool = False, in_place: bool = False, observe=None):
     """One student step on Task B: meta-learner on the adapted trunk layers, SGD on head_b.
 
     ``train=True`` keeps the graph to theta (and snapshots theta so that it may be
     updated in place by the optimiser while older steps' graphs are retained).
     ``in_place=True`` (meta-test) writes the new weights and LSTM state into ``params`` and
     ``state`` without a graph (:meth:`MetaLearner.step_`) and returns those same dicts.
+    ``observe(meta, deltas, grads, state)``, if given, is called after the meta-learner's update
+    (e.g. :meth:`lrmt_fast.gate_trace.GateTrace.record`).
     Returns (new_params, new_state, deltas, task-B loss).
     """
     loss, grads, acts = grads_and_acts(model, params, xb, yb, "b", adapted_modules(meta))
     if in_place:
         with torch.no_grad():
             deltas = meta.step_(params, grads, acts, state, lr, impl=impl)
+            if observe is not None:
+                observe(meta, deltas, grads, state)
             for k, v in params.items():
                 if k.startswith("head_b."):
                     v.sub_(grads[k], alpha=lr)
         return params, state, deltas, loss
     new_adapted, new_state, deltas = meta.step(params, grads, acts, state, lr, impl=impl, snapshot=train)
+    if observe is not None:
+        observe(meta, deltas, grads, new_state)
     new_params = dict(params)
     new_params.update(new_adapted)
     for k in params:

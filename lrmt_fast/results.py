@@ -12,11 +12,14 @@ results.json::
                         "task_a_original": {"mean": [...], "sem": [...]},
                         "task_b_head":     {"mean": [...], "sem": [...]},
                         "joint_readout":   {"mean": x, "sem": y},
-                        "runs": [{"seed": s, "task_a_readout": [...], ...}, ...]}},
+                        "runs": [{"seed": s, "task_a_readout": [...], ...}, ...],
+                        "gate_trace": {...}}},   # only "ours" with option trace
      ...}
 
 Accuracies are in percent; ``sem`` is the standard error of the mean over seeds
-(sample standard deviation / sqrt(n); 0 for a single seed).
+(sample standard deviation / sqrt(n); 0 for a single seed). ``gate_trace`` (the mean over
+seeds of :class:`lrmt_fast.gate_trace.GateTrace`) comes with a ``gate_trace.png`` beside
+curves.png.
 """
 from __future__ import annotations
 
@@ -78,6 +81,9 @@ def aggregate(runs: Dict[str, List[Dict]], experiment: str, profile: str, seeds:
         entry["runs"] = [{"seed": r.get("seed"), "seconds": r.get("seconds"),
                           **{k: [_r(v) for v in r[k]] for k in CURVE_KEYS + OPTIONAL_CURVE_KEYS if k in r},
                           "joint_readout": _r(r["joint_readout"])} for r in rs]
+        if all("gate_trace" in r for r in rs):      # "ours" with option trace (lrmt_fast.gate_trace)
+            from .gate_trace import mean_trace
+            entry["gate_trace"] = mean_trace([r["gate_trace"] for r in rs])
         methods[name] = entry
     out = {"experiment": experiment, "profile": profile, "seeds": [int(s) for s in seeds], "config": config,
            "methods": methods}
@@ -258,4 +264,10 @@ def write_all(res: Dict, out_dir: str) -> Dict[str, str]:
             f.write(text)
         os.replace(tmp, paths[key])
     plot_curves(res, paths["curves"])
+    traces = {m: e["gate_trace"] for m, e in res["methods"].items() if "gate_trace" in e}
+    if traces:
+        from .gate_trace import plot_gate_traces
+        horizon = ((res.get("config") or {}).get("metatrain") or {}).get("max_steps")
+        paths["gate_trace"] = plot_gate_traces(traces, os.path.join(out_dir, "gate_trace.png"),
+                                               horizon=horizon if isinstance(horizon, int) else None)
     return paths

@@ -565,6 +565,10 @@ def test_shipped_cifar_profiles_that_extend_others():
     ep500 = resolve_profile(e1, "cpu_finish_avg_x4_ep500")
     assert ep500["metatrain"] == dict(x4["metatrain"], max_steps=500) and list(ep500["methods"]) == ["ours"]
     assert without(ep500, "metatrain", "methods") == without(x4, "metatrain", "methods")
+    tr = resolve_profile(e1, "cpu_finish_avg_x4_trace")      # x4's meta-learner, traced, and with resets
+    assert without(tr, "methods") == without(x4, "methods") and tr["methods"]["sgd"] == x4["methods"]["sgd"]
+    assert tr["methods"]["ours"] == dict(x4["methods"]["ours"], trace=True)
+    assert tr["methods"]["ours_reset100"] == dict(x4["methods"]["ours"], trace=True, reset_every=100)
     lr03 = resolve_profile(os.path.join(d, "exp1_cifar.json"), "cpu_lr0.03")
     assert lr03["metatrain"]["lr"] == lr03["metatest"]["lr"] == 0.03 and lr03["metatrain"]["max_steps"] == 100
 

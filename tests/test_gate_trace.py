@@ -1,0 +1,200 @@
+"""The step-by-step gate trace of "ours" (lrmt_fast.gate_trace) against an independent
+computation, and the meta-test options of "ours" (``trace``, ``reset_every``), on tiny data."""
+import copy
+import json
+
+import pytest
+import torch
+
+from lrmt_fast import ops
+from lrmt_fast.baselines import MethodContext, OursLearner, make_learner
+from lrmt_fast.data.tasks import TaskData, TwoTasks, split_even
+from lrmt_fast.evaluate import MetaTestConfig, run_meta_test
+from lrmt_fast.gate_trace import GateTrace, mean_trace, plot_gate_traces
+from lrmt_fast.metatrain import build_meta_learner, student_meta_update
+from lrmt_fast.readout import Readout, ReadoutConfig, ReadoutData
+from lrmt_fast.student import grads_and_acts, param_dict
+
+from tinynet import TinyNet, tiny_data
+
+LR = 0.05
+IMPLS = ["reference", pytest.param("fused", marks=pytest.mark.skipif(not ops.available("cpu"),
+                                                                      reason="fused extension not built"))]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def perturbed_meta(model, seed=0):
+    """A meta-learner away from its SGD-exact initialisation: delta varies, some of it < 0."""
+    meta = build_meta_learner(model, 4, 4)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lrn in meta.learners.values():
+            lrn.w_out.copy_(torch.randn(lrn.w_out.shape, generator=g) * 0.8)
+            lrn.b_out.copy_(torch.randn(lrn.b_out.shape, generator=g) * 0.5)
+    return meta
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_trace_matches_an_independent_computation(impl):
+    torch.manual_seed(0)
+    model = TinyNet()
+    _, _, xb, yb = tiny_data(n=64)
+    w0 = param_dict(model)
+    meta = perturbed_meta(model)
+    ours = OursLearner(model, w0, meta, LR, impl=impl, trace=True)
+    # the same rollout, out of place, with every quantity computed here
+    params = {k: v.clone() for k, v in w0.items()}
+    state = meta.init_state()
+    expect, prev = [], None
+    for t in range(4):
+        x, y = xb[16 * t:16 * (t + 1)], yb[16 * t:16 * (t + 1)]
+        ours.step(x, y)
+        _, grads, _ = grads_and_acts(model, params, x, y, "b", [])
+        params, state, deltas, _ = student_meta_update(model, meta, params, state, x, y, LR, impl="reference")
+        params = {k: v.detach() for k, v in params.items()}
+        state = meta.detach_state(state)
+        d, g = [], []
+        for lay in meta.layers:
+            d.append(deltas[lay.key].detach().double().reshape(-1))
+            gw = grads[lay.weight].reshape(lay.cout, -1)
+            if lay.bias is not None:
+                gw = torch.cat([gw, grads[lay.bias].reshape(lay.cout, 1)], 1)
+            g.append(gw.double().reshape(-1))
+        d, g = torch.cat(d), torch.cat(g)
+        c = torch.cat([c.reshape(-1) for _, c in state.values()]).abs().double()
+        expect.append({"descent_ratio": float((d * g * g).sum() / (g * g).sum()),
+                       "frac_negative": float((d < 0).double().mean()), "mean": float(d.mean()),
+                       "gate_change": 0.0 if prev is None else float((d - prev).abs().mean()),
+                       "c_absmax": float(c.max()), "c_absmean": float(c.mean())})
+        prev = d
+    tr = ours.trace.to_dict()
+    assert tr["steps"] == [1, 2, 3, 4]
+    assert list(tr["groups"]) == ["all", "conv / linear", "GroupNorm gamma / beta"]
+    for t, e in enumerate(expect):
+        for m in ("descent_ratio", "frac_negative", "mean", "gate_change"):
+            assert tr["groups"]["all"][m][t] == pytest.approx(e[m], rel=1e-4, abs=1e-5), (t, m)
+        for m in ("c_absmax", "c_absmean"):
+            assert tr[m][t] == pytest.approx(e[m], rel=1e-4, abs=1e-5), (t, m)
+    assert any(v > 0 for v in tr["groups"]["all"]["frac_negative"])     # the test sees negative gates
+    assert len(set(round(v, 6) for v in tr["groups"]["all"]["descent_ratio"])) > 1
+
+
+def test_trace_at_the_sgd_exact_initialisation():
+    """delta = 1 everywhere: the update is SGD (ratio 1), nothing negative, the gate never changes."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    _, _, xb, yb = tiny_data(n=48)
+    ours = OursLearner(model, param_dict(model), build_meta_learner(model, 4, 4), LR, impl="reference", trace=True)
+    for t in range(3):
+        ours.step(xb[16 * t:16 * (t + 1)], yb[16 * t:16 * (t + 1)])
+    tr = ours.trace.to_dict()
+    for grp in tr["groups"].values():
+        assert grp["descent_ratio"] == pytest.approx([1.0] * 3, abs=1e-6)
+        assert grp["mean"] == pytest.approx([1.0] * 3, abs=1e-6)
+        assert grp["frac_negative"] == [0.0] * 3
+        assert grp["gate_change"] == pytest.approx([0.0] * 3, abs=1e-6)
+    assert all(x > 0 for x in tr["c_absmax"])            # the LSTM state moves even so
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reset_every_restarts_the_lstm_state_like_a_fresh_learner(impl):
+    torch.manual_seed(0)
+    model = TinyNet()
+    _, _, xb, yb = tiny_data(n=64)
+    w0 = param_dict(model)
+    meta = perturbed_meta(model, seed=1)
+    batches = [(xb[16 * t:16 * (t + 1)], yb[16 * t:16 * (t + 1)]) for t in range(4)]
+    reset = OursLearner(model, w0, meta, LR, impl=impl, reset_every=2)
+    plain = OursLearner(model, w0, meta, LR, impl=impl)
+    for x, y in batches[:2]:
+        reset.step(x, y)
+        plain.step(x, y)
+    for k in w0:
+        assert torch.equal(reset.params[k], plain.params[k])     # no reset within the first K steps
+    fresh = OursLearner(model, {k: v.clone() for k, v in plain.params.items()}, meta, LR, impl=impl)
+    for x, y in batches[2:]:
+        reset.step(x, y)
+        plain.step(x, y)
+        fresh.step(x, y)
+    for k in w0:
+        torch.testing.assert_close(reset.params[k], fresh.params[k], rtol=0, atol=0)
+    for k in reset.state:
+        torch.testing.assert_close(reset.state[k][1], fresh.state[k][1], rtol=0, atol=0)
+    assert not torch.equal(reset.params["fc1.weight"], plain.params["fc1.weight"])
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True, "100"])
+def test_bad_reset_every_is_a_clear_error(bad):
+    model = TinyNet()
+    w0 = param_dict(model)
+    ctx = MethodContext(model, w0, LR, meta=build_meta_learner(model, 4, 4))
+    with pytest.raises(ValueError, match="reset_every must be a positive integer"):
+        make_learner({"kind": "ours", "reset_every": bad}, ctx, w0)
+    with pytest.raises(ValueError, match="trace must be true or false"):
+        make_learner({"kind": "ours", "trace": "yes"}, ctx, w0)
+
+
+def test_meta_test_runs_carry_the_trace_into_results_and_a_figure(tmp_path):
+    from lrmt_fast import results as R
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    xa, ya, xb, yb = tiny_data(n=40)
+    xta, yta, xtb, ytb = tiny_data(n=20, seed=1)
+    a = TaskData("A", 3, xa, ya, xta, yta, fp="a")
+    b = TaskData("B", 3, xb, yb, xtb, ytb, fp="b")
+    tasks = TwoTasks(a, b, *split_even(b.train_x.shape[0], 0))
+    w0 = param_dict(model)
+    cfg = MetaTestConfig(steps=5, every=5, batch=8, batch_a=8, lr=LR)
+    readout = Readout(model, ReadoutData(tasks, ReadoutConfig(steps=5)))
+    methods = {"ours": {"kind": "ours", "trace": True}, "ours_reset2": {"kind": "ours", "reset_every": 2,
+                                                                       "trace": True},
+               "ours_plain": {"kind": "ours"}}
+    runs = run_meta_test(model, w0, tasks, readout, cfg, methods, [0, 1], meta=perturbed_meta(model),
+                         impl="reference", cache_dir=str(tmp_path / "cache"), progress=False)
+    for name in ("ours", "ours_reset2"):
+        for r in runs[name]:
+            assert r["gate_trace"]["steps"] == [1, 2, 3, 4, 5]
+    assert "gate_trace" not in runs["ours_plain"][0]
+    # the reset changes the rollout from step 3 on, not before
+    t0, t1 = runs["ours"][0]["gate_trace"], runs["ours_reset2"][0]["gate_trace"]
+    assert t0["c_absmax"][:2] == t1["c_absmax"][:2] and t0["c_absmax"][2] != t1["c_absmax"][2]
+    # runs come back from the cache with their trace
+    again = run_meta_test(model, w0, tasks, readout, cfg, methods, [0, 1], meta=perturbed_meta(model),
+                          impl="reference", cache_dir=str(tmp_path / "cache"), progress=False)
+    assert again == runs
+    res = R.aggregate(runs, "tiny", "test", [0, 1], {"metatrain": {"max_steps": 3}})
+    m = res["methods"]["ours"]["gate_trace"]
+    want = [(x + y) / 2 for x, y in zip(runs["ours"][0]["gate_trace"]["c_absmax"],
+                                        runs["ours"][1]["gate_trace"]["c_absmax"])]
+    assert m["runs"] == 2 and m["c_absmax"] == pytest.approx(want, abs=1e-6)
+    assert "gate_trace" not in res["methods"]["ours_plain"]
+    paths = R.write_all(res, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "gate_trace.png").stat().st_size > 0 and paths["gate_trace"].endswith(".png")
+    with open(tmp_path / "out" / "results.json") as f:
+        assert json.load(f)["methods"]["ours_reset2"]["gate_trace"]["steps"] == [1, 2, 3, 4, 5]
+
+
+def test_mean_trace_and_plot_reject_what_they_cannot_combine(tmp_path):
+    one = GateTrace()
+    assert len(one) == 0 and one.to_dict()["steps"] == []
+    a = {"steps": [1, 2], "groups": {"all": {m: [1.0, 2.0] for m in
+                                             ("descent_ratio", "frac_negative", "mean", "gate_change")}},
+         "c_absmax": [1.0, 3.0], "c_absmean": [0.5, 1.0]}
+    b = copy.deepcopy(a)
+    b["c_absmax"] = [3.0, 5.0]
+    assert mean_trace([a, b])["c_absmax"] == [2.0, 4.0]
+    b["steps"] = [1, 2, 3]
+    with pytest.raises(ValueError, match="differ"):
+        mean_trace([a, b])
+    with pytest.raises(ValueError, match="no traces"):
+        mean_trace([])
+    with pytest.raises(ValueError, match="no traces"):
+        plot_gate_traces({}, str(tmp_path / "x.png"))
