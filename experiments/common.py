@@ -288,7 +288,7 @@ class FreshHeadStream(TensorTaskStream):
 
 
 def metatrain_with_budget(model, stream, mcfg, out_dir: str, resume: bool, budget: Dict, progress: bool = True,
-                          log: Callable = print) -> List[Dict]:
+                          log: Callable = print, sync=None) -> List[Dict]:
     """:func:`lrmt_fast.metatrain.metatrain` for up to ``mcfg.episodes`` episodes, stopped early at the
     first chunk boundary where the meta-training steps so far reach ``budget['max_total_steps']``.
 
@@ -296,14 +296,56 @@ def metatrain_with_budget(model, stream, mcfg, out_dir: str, resume: bool, budge
     checkpoint of the previous one (metatrain's exact resume), so the cap is deterministic: it
     depends on the episodes' lengths, never on the machine's speed. Without a budget this is one
     plain call. Returns the history.
+
+    ``sync`` (:class:`lrmt_fast.distributed.DistSync`, under torchrun) runs every rank in
+    lockstep: rank 0 reads and writes the checkpoint in ``out_dir`` and the others receive its
+    state; episode lengths are identical on all ranks, so every rank stops at the same chunk.
+    Progress is a tqdm bar in one process and a log line per chunk (rank 0) when distributed.
     """
     from lrmt_fast.checkpoint import load_checkpoint
+    from lrmt_fast.distributed import DistSync, broadcast_object
     from lrmt_fast.metatrain import CKPT_NAME, metatrain
 
+    main = getattr(sync, "rank", 0) == 0
+    out = out_dir if main else None           # other ranks receive rank 0's state (sync_start)
     cap = budget.get("max_total_steps")
     if not cap:
-        _, hist = metatrain(model, stream, mcfg, out_dir=out_dir, resume=resume, progress=progress)
+        _, hist = metatrain(model, stream, mcfg, out_dir=out, resume=resume and main, progress=progress and main,
+                            sync=sync)
         return hist
+    chunk = int(budget.get("chunk_episodes", 10))
+    ckpt = os.path.join(out_dir, CKPT_NAME)
+    hist: List[Dict] = []
+    if main and os.path.exists(ckpt):
+        if resume:
+            hist = list(load_checkpoint(ckpt, ("history",), "meta-training checkpoint")["history"])
+        else:
+            os.remove(ckpt)
+    hist = broadcast_object(sync, hist)
+    bar, lines = None, progress and main and isinstance(sync, DistSync)
+    if progress and main and not lines:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=int(cap), initial=min(int(cap), sum(h["steps"] for h in hist)), desc="meta-train",
+                   unit="step", dynamic_ncols=True)
+    while len(hist) < mcfg.episodes and sum(h["steps"] for h in hist) < cap:
+        sub = dataclasses.replace(mcfg, episodes=min(mcfg.episodes, len(hist) + chunk), checkpoint_every=chunk)
+        before = sum(h["steps"] for h in hist)
+        _, hist = metatrain(model, stream, sub, out_dir=out, resume=main, progress=False, sync=sync)
+        last = hist[-chunk:]
+        ep_steps = sum(h["steps"] for h in last) / max(1, len(last))
+        if bar is not None:
+            bar.update(min(int(cap), sum(h["steps"] for h in hist)) - min(int(cap), before))
+            bar.set_postfix(ep=len(hist), ep_steps=f"{ep_steps:.1f}",
+                            loss=f"{sum(h['mean_loss'] for h in last) / max(1, len(last)):.2f}",
+                            thr=hist[-1]["threshold"], s=hist[-1]["bptt"])
+        if lines:
+            log(f"meta-train: {len(hist)} episodes, {sum(h['steps'] for h in hist)}/{cap} steps; last {len(last)}: "
+                f"{ep_steps:.1f} steps/episode, threshold {hist[-1]['threshold']}, T-BPTT {hist[-1]['bptt']}")
+    if bar is not None:
+        bar.close()
+    if main:
+        log(f"meta-train: {len(hist)} episodes, {sum(h['steps'] for h in hist)} steps")
+    return hist
     chunk = int(budget.get("chunk_episodes", 10))
     ckpt = os.path.join(out_dir, CKPT_NAME)
     hist: List[Dict] = []

@@ -202,45 +202,6 @@ def build_model(pcfg, state: Dict[str, torch.Tensor], device: str):
     return model.to(device)
 
 
-def metatrain_distributed(model, stream, mcfg, mdir: str, resume: bool, budget: Dict, sync, progress: bool,
-                          log: Callable) -> List[Dict]:
-    """Meta-training, every rank in lockstep; rank 0 checkpoints into ``mdir``.
-
-    With ``budget['max_total_steps']`` the run is cut into chunks of ``chunk_episodes`` and
-    stops at the first chunk boundary where the steps so far reach the cap (the rule of
-    :func:`experiments.common.metatrain_with_budget`, here with the sync hook; episode
-    lengths are identical on all ranks, so every rank stops at the same boundary)."""
-    from lrmt_fast.checkpoint import load_checkpoint
-    from lrmt_fast.distributed import broadcast_object
-    from lrmt_fast.metatrain import CKPT_NAME, metatrain
-
-    main = getattr(sync, "rank", 0) == 0
-    out = mdir if main else None           # other ranks receive rank 0's state (sync_start)
-    ckpt = os.path.join(mdir, CKPT_NAME)
-    cap = budget.get("max_total_steps")
-    if not cap:
-        _, hist = metatrain(model, stream, mcfg, out_dir=out, resume=resume and main, progress=progress,
-                            sync=sync)
-        return hist
-    chunk = int(budget.get("chunk_episodes", 10))
-    hist: List[Dict] = []
-    if main and os.path.exists(ckpt):
-        if resume:
-            hist = list(load_checkpoint(ckpt, ("history",), "meta-training checkpoint")["history"])
-        else:
-            os.remove(ckpt)
-    hist = broadcast_object(sync, hist)
-    while len(hist) < mcfg.episodes and sum(h["steps"] for h in hist) < cap:
-        sub = dataclasses.replace(mcfg, episodes=min(mcfg.episodes, len(hist) + chunk), checkpoint_every=chunk)
-        _, hist = metatrain(model, stream, sub, out_dir=out, resume=main, progress=False, sync=sync)
-        if progress and main:
-            last = hist[-chunk:]
-            log(f"meta-train: {len(hist)} episodes, {sum(h['steps'] for h in hist)}/{cap} steps; last {len(last)}: "
-                f"{sum(h['steps'] for h in last) / max(1, len(last)):.1f} steps/episode, "
-                f"threshold {hist[-1]['threshold']}, T-BPTT {hist[-1]['bptt']}")
-    return hist
-
-
 def meta_key(parts: Dict) -> str:
     return common._key(parts)
 
@@ -277,8 +238,8 @@ def run_metatraining(args, cfg: Dict, model, stream, out_dir: str, key_parts: Di
             os.makedirs(mdir, exist_ok=True)
             if os.path.exists(meta_path) and not args.resume:
                 log(f"meta-train: a checkpoint exists in {mdir} but --resume was not given: starting over")
-        metatrain_distributed(model, stream, mcfg, mdir, args.resume, cfg.get("metatrain_budget", {}), sync,
-                              progress, log)
+        common.metatrain_with_budget(model, stream, mcfg, mdir, args.resume, cfg.get("metatrain_budget", {}),
+                                     progress, log, sync=sync)
         if main:
             with open(done_marker, "w") as f:
                 f.write("finished\n")

@@ -183,7 +183,7 @@ class OursLearner(Learner):
         self.trace = None
         if trace:
             from .gate_trace import GateTrace
-            self.trace = GateTrace()
+            self.trace = GateTrace(w0=self.params)
 
     def step(self, xb, yb) -> float:
         """The meta-test update, in place and without a graph (DESIGN.md section 2): the

@@ -131,11 +131,11 @@ def _merge_group(a: Dict, b: Dict) -> Dict:
 
 @contextlib.contextmanager
 def observe_meta_updates(fn: Callable):
-    """Within the block, ``fn(meta_learner, deltas, grads, state)`` is called after every
+    """Within the block, ``fn(meta_learner, deltas, grads, state, params)`` is called after every
     *meta-test* update of any :class:`MetaLearner`: ``step_`` (in place, reference or fused),
     and ``step`` when it builds no graph to theta (theta frozen or grad disabled, as in the
     rollouts of "ours"); ``deltas`` = {layer key: delta [Cout, P]}, ``grads`` the student's
-    gradients the update used, ``state`` the LSTM state after it. Meta-training steps (theta
+    gradients the update used, ``state`` the LSTM state and ``params`` the adapted weights after it. Meta-training steps (theta
     requiring grad) are not observed. The two methods are wrapped on the class for the duration
     of the block only, so the shared rollout code is observed unchanged."""
     from .meta_learner import MetaLearner
@@ -147,7 +147,7 @@ def observe_meta_updates(fn: Callable):
         out = orig_step(self, params, grads, acts, state, lr, impl=impl, snapshot=snapshot)
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         if not training and depth["step_"] == 0:
-            fn(self, out[2], grads, out[1])
+            fn(self, out[2], grads, out[1], out[0])
         return out
 
     def step_(self, params, grads, acts, state, lr, impl=None):
@@ -157,7 +157,7 @@ def observe_meta_updates(fn: Callable):
         finally:
             depth["step_"] -= 1
         if depth["step_"] == 0:
-            fn(self, deltas, grads, state)
+            fn(self, deltas, grads, state, params)
         return deltas
 
     MetaLearner.step, MetaLearner.step_ = step, step_
@@ -171,7 +171,7 @@ def observe_meta_updates(fn: Callable):
 def record_deltas(hist: DeltaHistogram):
     """Within the block, every meta-test update of any :class:`MetaLearner` adds its deltas to
     ``hist`` (:func:`observe_meta_updates`)."""
-    def add(ml, deltas, grads, state):
+    def add(ml, deltas, grads, state, params):
         hist.add_step(deltas, {l.key: l.kind for l in ml.layers})
 
     with observe_meta_updates(add):

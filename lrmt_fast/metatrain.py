@@ -162,8 +162,8 @@ def student_meta_update(model: nn.Module, meta: MetaLearner, params: Dict[str, T
     updated in place by the optimiser while older steps' graphs are retained).
     ``in_place=True`` (meta-test) writes the new weights and LSTM state into ``params`` and
     ``state`` without a graph (:meth:`MetaLearner.step_`) and returns those same dicts.
-    ``observe(meta, deltas, grads, state)``, if given, is called after the meta-learner's update
-    (e.g. :meth:`lrmt_fast.gate_trace.GateTrace.record`).
+    ``observe(meta, deltas, grads, state, params)``, if given, is called after the meta-learner's
+    update with its new state and weights (e.g. :meth:`lrmt_fast.gate_trace.GateTrace.record`).
     Returns (new_params, new_state, deltas, task-B loss).
     """
     loss, grads, acts = grads_and_acts(model, params, xb, yb, "b", adapted_modules(meta))
@@ -171,14 +171,14 @@ def student_meta_update(model: nn.Module, meta: MetaLearner, params: Dict[str, T
         with torch.no_grad():
             deltas = meta.step_(params, grads, acts, state, lr, impl=impl)
             if observe is not None:
-                observe(meta, deltas, grads, state)
+                observe(meta, deltas, grads, state, params)
             for k, v in params.items():
                 if k.startswith("head_b."):
                     v.sub_(grads[k], alpha=lr)
         return params, state, deltas, loss
     new_adapted, new_state, deltas = meta.step(params, grads, acts, state, lr, impl=impl, snapshot=train)
     if observe is not None:
-        observe(meta, deltas, grads, new_state)
+        observe(meta, deltas, grads, new_state, new_adapted)
     new_params = dict(params)
     new_params.update(new_adapted)
     for k in params:

@@ -65,7 +65,7 @@ class RecordingSync(DistSync):
         return super().any(flag)
 
 
-def _worker(rank, port, out_dir, result_dir, crash_at, resume):
+def _worker(rank, port, out_dir, result_dir, crash_at, resume, cap=None):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -81,9 +81,16 @@ def _worker(rank, port, out_dir, result_dir, crash_at, resume):
             if crash_at is not None and rank == 1 and r["episode"] == crash_at:
                 os._exit(3)      # a hard death: no cleanup, no goodbye to the peer
 
-        meta, hist = metatrain(model, _stream(model, rank), _cfg(), out_dir=out_dir, resume=resume,
-                               progress=False, sync=rec, on_episode=on_episode)
-        res.update(params=rec.params, flags=rec.flags, hist=hist, final=_flat(meta))
+        if cap is None:
+            meta, hist = metatrain(model, _stream(model, rank), _cfg(), out_dir=out_dir, resume=resume,
+                                   progress=False, sync=rec, on_episode=on_episode)
+            res.update(params=rec.params, flags=rec.flags, hist=hist, final=_flat(meta))
+        else:   # the experiments' chunked step budget (rank 0 checkpoints, every rank in lockstep)
+            from experiments.common import metatrain_with_budget
+            hist = metatrain_with_budget(model, _stream(model, rank), _cfg(), out_dir, resume,
+                                         {"max_total_steps": cap, "chunk_episodes": 1}, progress=True,
+                                         log=lambda *_: None, sync=rec)
+            res.update(params=rec.params, flags=rec.flags, hist=hist, final=rec.params[-1])
         shutdown(sync)
     except DistributedError as e:
         res["error"] = str(e)
@@ -98,13 +105,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(tmp, out_dir, crash_at=None, resume=False):
+def _launch(tmp, out_dir, crash_at=None, resume=False, cap=None):
     """Start WORLD processes (spawn), wait, and return (exit codes, per-rank results)."""
-    res_dir = os.path.join(tmp, f"res_{crash_at}_{resume}")
+    res_dir = os.path.join(tmp, f"res_{crash_at}_{resume}_{cap}")
     os.makedirs(res_dir, exist_ok=True)
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, out_dir, res_dir, crash_at, resume)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(r, port, out_dir, res_dir, crash_at, resume, cap)) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -219,6 +226,23 @@ def test_killed_run_stops_with_clear_error_and_resumes(full_run, tmp_path):
     for r in range(WORLD):
         assert torch.equal(res[r]["final"], full_run[0]["final"]), r
         assert [h["steps"] for h in res[r]["hist"]] == [h["steps"] for h in full_run[0]["hist"]]
+
+
+def test_step_budget_stops_every_rank_at_the_same_chunk(full_run, tmp_path):
+    """experiments.common.metatrain_with_budget under DistSync: the ranks stop at the same chunk
+    of episodes, with the theta of the uncut run at that point (chunks resume exactly)."""
+    steps = [h["steps"] for h in full_run[0]["hist"]]
+    cap = steps[0] + 1                               # reached by the end of the second episode
+    out = str(tmp_path / "run")
+    codes, res = _launch(str(tmp_path), out, cap=cap)
+    assert codes == [0, 0], {r: v.get("error") for r, v in res.items()}
+    n = steps[0] + steps[1]
+    for r in range(WORLD):
+        assert [h["steps"] for h in res[r]["hist"]] == steps[:2], r
+        assert len(res[r]["params"]) == n
+        assert torch.equal(res[r]["final"], full_run[0]["params"][n - 1]), r
+    ck = torch.load(os.path.join(out, "meta_ckpt.pt"), weights_only=False)
+    assert ck["next_episode"] == 2
 
 
 def test_not_launched_gives_local_sync(monkeypatch):

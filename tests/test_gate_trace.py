@@ -41,6 +41,11 @@ def perturbed_meta(model, seed=0):
     return meta
 
 
+def by_param(lay, rows):
+    """A layer's [Cout, P] rows as (weight part, bias column) in the order of ``order`` below."""
+    return [rows[:, :-1], rows[:, -1]] if lay.bias is not None else [rows]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_trace_matches_an_independent_computation(impl):
     torch.manual_seed(0)
@@ -53,6 +58,8 @@ def test_trace_matches_an_independent_computation(impl):
     params = {k: v.clone() for k, v in w0.items()}
     state = meta.init_state()
     expect, prev = [], None
+    # the adapted parameters in the order of the deltas (per layer: weight, then bias)
+    order = [k for lay in meta.layers for k in ([lay.weight] + ([lay.bias] if lay.bias is not None else []))]
     for t in range(4):
         x, y = xb[16 * t:16 * (t + 1)], yb[16 * t:16 * (t + 1)]
         ours.step(x, y)
@@ -69,7 +76,11 @@ def test_trace_matches_an_independent_computation(impl):
             g.append(gw.double().reshape(-1))
         d, g = torch.cat(d), torch.cat(g)
         c = torch.cat([c.reshape(-1) for _, c in state.values()]).abs().double()
-        expect.append({"descent_ratio": float((d * g * g).sum() / (g * g).sum()),
+        dw = torch.cat([(params[k] - w0[k]).reshape(-1) for k in order]).double()
+        w00 = torch.cat([w0[k].reshape(-1) for k in order]).double()
+        neg = torch.cat([t.reshape(-1) for lay in meta.layers for t in by_param(lay, deltas[lay.key])]) < 0
+        expect.append({"drift_neg": float(dw[neg].norm() / w00[neg].norm()),
+                       "drift_pos": float(dw[~neg].norm() / w00[~neg].norm()),"descent_ratio": float((d * g * g).sum() / (g * g).sum()),
                        "frac_negative": float((d < 0).double().mean()), "mean": float(d.mean()),
                        "gate_change": 0.0 if prev is None else float((d - prev).abs().mean()),
                        "c_absmax": float(c.max()), "c_absmean": float(c.mean())})
@@ -78,7 +89,7 @@ def test_trace_matches_an_independent_computation(impl):
     assert tr["steps"] == [1, 2, 3, 4]
     assert list(tr["groups"]) == ["all", "conv / linear", "GroupNorm gamma / beta"]
     for t, e in enumerate(expect):
-        for m in ("descent_ratio", "frac_negative", "mean", "gate_change"):
+        for m in ("descent_ratio", "frac_negative", "mean", "gate_change", "drift_neg", "drift_pos"):
             assert tr["groups"]["all"][m][t] == pytest.approx(e[m], rel=1e-4, abs=1e-5), (t, m)
         for m in ("c_absmax", "c_absmean"):
             assert tr[m][t] == pytest.approx(e[m], rel=1e-4, abs=1e-5), (t, m)
@@ -101,6 +112,34 @@ def test_trace_at_the_sgd_exact_initialisation():
         assert grp["frac_negative"] == [0.0] * 3
         assert grp["gate_change"] == pytest.approx([0.0] * 3, abs=1e-6)
     assert all(x > 0 for x in tr["c_absmax"])            # the LSTM state moves even so
+    assert tr["groups"]["all"]["drift_pos"][0] > 0 and tr["groups"]["all"]["drift_neg"] == [0.0] * 3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_trace_through_the_generic_observer_without_start_weights(impl):
+    """``observe_meta_updates`` feeds a GateTrace from any rollout; without w0 it has no drift."""
+    from lrmt_fast.figures import observe_meta_updates
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    _, _, xb, yb = tiny_data(n=48)
+    meta = perturbed_meta(model, seed=2)
+    traced = OursLearner(model, param_dict(model), meta, LR, impl=impl, trace=True)
+    plain = OursLearner(model, param_dict(model), meta, LR, impl=impl)
+    seen = GateTrace()
+    for t in range(3):
+        x, y = xb[16 * t:16 * (t + 1)], yb[16 * t:16 * (t + 1)]
+        traced.step(x, y)
+        with observe_meta_updates(seen.record):
+            plain.step(x, y)
+    a, b = traced.trace.to_dict(), seen.to_dict()
+    assert "drift_neg" not in b["groups"]["all"] and "drift_neg" in a["groups"]["all"]
+    for g in b["groups"]:
+        for m, v in b["groups"][g].items():
+            assert v == pytest.approx(a["groups"][g][m], rel=1e-6, abs=1e-9), (g, m)
+    assert b["c_absmax"] == pytest.approx(a["c_absmax"])
+    with pytest.raises(ValueError, match="differ"):
+        mean_trace([a, b])
 
 
 @pytest.mark.parametrize("impl", IMPLS)

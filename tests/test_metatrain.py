@@ -176,7 +176,7 @@ def test_curriculum_check_rollout_and_episode_end():
     assert curves["freeze"][0] > 0 and curves["sgd"][0] < curves["freeze"][0]
 
 
-@pytest.mark.parametrize("runner", ["common", "distributed"])
+@pytest.mark.parametrize("runner", ["no sync", "LocalSync"])
 def test_step_budget_stops_at_chunk_boundary_and_extends_from_a_seeded_checkpoint(tmp_path, runner):
     """The experiments' ``metatrain_budget``: meta-training stops at the first chunk of episodes
     whose steps reach ``max_total_steps``; a larger budget resumed from a smaller run's
@@ -184,16 +184,13 @@ def test_step_budget_stops_at_chunk_boundary_and_extends_from_a_seeded_checkpoin
     uninterrupted run with the larger budget ends, bit for bit."""
     import shutil
     from experiments.common import metatrain_with_budget
-    from experiments.exp1_cifar import metatrain_distributed
+    from lrmt_fast.metatrain import LocalSync
 
     def run(out, cap, resume=False):
         budget = {"max_total_steps": cap, "chunk_episodes": 1}
-        if runner == "common":
-            return metatrain_with_budget(model, _stream(model), cfg, str(out), resume, budget, progress=False,
-                                         log=lambda *_: None)
         os.makedirs(out, exist_ok=True)
-        return metatrain_distributed(model, _stream(model), cfg, str(out), resume, budget, None, False,
-                                     lambda *_: None)
+        return metatrain_with_budget(model, _stream(model), cfg, str(out), resume, budget, progress=True,
+                                     log=lambda *_: None, sync=None if runner == "no sync" else LocalSync())
 
     model = TinyNet()
     cfg = _cfg(episodes=5)                           # no restarts: every episode is 6 steps
