@@ -127,12 +127,21 @@ def test_trace_through_the_generic_observer_without_start_weights(impl):
     traced = OursLearner(model, param_dict(model), meta, LR, impl=impl, trace=True)
     plain = OursLearner(model, param_dict(model), meta, LR, impl=impl)
     seen = GateTrace()
+    w0 = param_dict(model)
+    out_of_place = GateTrace(w0)              # the differentiable update's observe hook
+    params, state = dict(w0), meta.init_state()
     for t in range(3):
         x, y = xb[16 * t:16 * (t + 1)], yb[16 * t:16 * (t + 1)]
         traced.step(x, y)
         with observe_meta_updates(seen.record):
             plain.step(x, y)
-    a, b = traced.trace.to_dict(), seen.to_dict()
+        params, state, _, _ = student_meta_update(model, meta, params, state, x, y, LR, impl=impl,
+                                                  observe=out_of_place.record)
+        params, state = {k: v.detach() for k, v in params.items()}, meta.detach_state(state)
+    a, b, c = traced.trace.to_dict(), seen.to_dict(), out_of_place.to_dict()
+    for g in a["groups"]:
+        for m, v in a["groups"][g].items():
+            assert c["groups"][g][m] == pytest.approx(v, rel=1e-5, abs=1e-7), (g, m)
     assert "drift_neg" not in b["groups"]["all"] and "drift_neg" in a["groups"]["all"]
     for g in b["groups"]:
         for m, v in b["groups"][g].items():
