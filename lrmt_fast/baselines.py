@@ -24,12 +24,16 @@ ours           the trained meta-learner on the trunk, SGD on head_b
                state is reset to zero after every K steps, as at the start of
                a meta-training episode (docs/cifar.md, "past the horizon");
                option ``trace`` (bool): record the gate step by step
-               (:mod:`lrmt_fast.gate_trace`), kept as the run's ``gate_trace``
+               (:mod:`lrmt_fast.gate_trace`), kept as the run's ``gate_trace``;
+               option ``min_gate`` f (a diagnostic): the trunk update uses
+               max(delta, f) instead of delta (f = 0: no update against the
+               gradient)
 =============  ==============================================================
 """
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
@@ -167,10 +171,13 @@ class OursLearner(Learner):
     name = "ours"
 
     def __init__(self, model, params, meta, lr, impl=None, reset_every: Optional[int] = None,
-                 trace: bool = False):
+                 trace: bool = False, min_gate: Optional[float] = None):
         super().__init__(params)
         if not isinstance(trace, bool):
             raise ValueError(f"method 'ours': trace must be true or false, got {trace!r}")
+        if min_gate is not None and (isinstance(min_gate, bool) or not isinstance(min_gate, (int, float))
+                                     or not math.isfinite(min_gate)):
+            raise ValueError(f"method 'ours': min_gate must be a finite number, got {min_gate!r}")
         if reset_every is not None and (isinstance(reset_every, bool) or not isinstance(reset_every, int)
                                         or reset_every < 1):
             raise ValueError(f"method 'ours': reset_every must be a positive integer (steps), got {reset_every!r}")
@@ -184,12 +191,33 @@ class OursLearner(Learner):
         if trace:
             from .gate_trace import GateTrace
             self.trace = GateTrace(w0=self.params)
+        self.min_gate = None if min_gate is None else float(min_gate)
+
+    def _floor_gate(self, meta, deltas, grads, params) -> Dict[str, Tensor]:
+        """Turn the update just made with delta into one with max(delta, min_gate): add back
+        ``lr * min(delta - min_gate, 0) * g`` in place; returns the gate in effect."""
+        from .meta_learner import pack_rows, unpack_rows
+        out = {}
+        for lay in meta.layers:
+            d = deltas[lay.key]
+            fix = (d - self.min_gate).clamp_max(0.0) * pack_rows(grads, lay)
+            for k, v in unpack_rows(fix, lay, params).items():
+                params[k].add_(v, alpha=self.lr)
+            out[lay.key] = d.clamp_min(self.min_gate)
+        return out
+
+    def _observe(self, meta, deltas, grads, state, params) -> None:
+        if self.min_gate is not None:
+            deltas = self._floor_gate(meta, deltas, grads, params)
+        if self.trace is not None:
+            self.trace.record(meta, deltas, grads, state, params)
 
     def step(self, xb, yb) -> float:
         """The meta-test update, in place and without a graph (DESIGN.md section 2): the
         trunk weights and the LSTM state are overwritten (the fused path allocates nothing
         per step), SGD on head_b; the same arithmetic as meta-training's update. With
-        ``reset_every`` K the state is zeroed (in place) after every K steps."""
+        ``reset_every`` K the state is zeroed (in place) after every K steps; with ``min_gate``
+        the gate is floored after the op's update (:meth:`_floor_gate`)."""
         from .metatrain import student_meta_update
         if self.reset_every and self.steps_done and self.steps_done % self.reset_every == 0:
             for h, c in self.state.values():
@@ -198,7 +226,8 @@ class OursLearner(Learner):
         self.steps_done += 1
         _, _, _, loss = student_meta_update(self.model, self.meta, self.params, self.state, xb, yb, self.lr,
                                             impl=self.impl, in_place=True,
-                                            observe=self.trace.record if self.trace is not None else None)
+                                            observe=(self._observe if self.trace is not None or self.min_gate is not None
+                                                     else None))
         return float(loss)
 
 
@@ -268,7 +297,7 @@ def make_learner(spec: Dict, ctx: MethodContext, params: Params, next_a: Optiona
         if ctx.meta is None:
             raise ValueError("method 'ours' needs a trained meta-learner")
         learner = OursLearner(model, params, ctx.meta, lr, ctx.impl, reset_every=spec.pop("reset_every", None),
-                              trace=spec.pop("trace", False))
+                              trace=spec.pop("trace", False), min_gate=spec.pop("min_gate", None))
     else:
         raise ValueError(f"unknown method kind {kind!r}: expected one of {KINDS}")
     if spec:

@@ -569,6 +569,7 @@ def test_shipped_cifar_profiles_that_extend_others():
     assert without(tr, "methods") == without(x4, "methods") and tr["methods"]["sgd"] == x4["methods"]["sgd"]
     assert tr["methods"]["ours"] == dict(x4["methods"]["ours"], trace=True)
     assert tr["methods"]["ours_reset100"] == dict(x4["methods"]["ours"], trace=True, reset_every=100)
+    assert tr["methods"]["ours_min_gate0"] == dict(x4["methods"]["ours"], trace=True, min_gate=0.0)
     lr03 = resolve_profile(os.path.join(d, "exp1_cifar.json"), "cpu_lr0.03")
     assert lr03["metatrain"]["lr"] == lr03["metatest"]["lr"] == 0.03 and lr03["metatrain"]["max_steps"] == 100
 
