@@ -346,29 +346,3 @@ def metatrain_with_budget(model, stream, mcfg, out_dir: str, resume: bool, budge
     if main:
         log(f"meta-train: {len(hist)} episodes, {sum(h['steps'] for h in hist)} steps")
     return hist
-    chunk = int(budget.get("chunk_episodes", 10))
-    ckpt = os.path.join(out_dir, CKPT_NAME)
-    hist: List[Dict] = []
-    if resume and os.path.exists(ckpt):
-        hist = list(load_checkpoint(ckpt, ("history",), "meta-training checkpoint")["history"])
-    elif os.path.exists(ckpt):
-        os.remove(ckpt)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=int(cap), initial=min(int(cap), sum(h["steps"] for h in hist)), desc="meta-train",
-                   unit="step", dynamic_ncols=True)
-    while len(hist) < mcfg.episodes and sum(h["steps"] for h in hist) < cap:
-        sub = dataclasses.replace(mcfg, episodes=min(mcfg.episodes, len(hist) + chunk), checkpoint_every=chunk)
-        before = sum(h["steps"] for h in hist)
-        _, hist = metatrain(model, stream, sub, out_dir=out_dir, resume=True, progress=False)
-        if bar is not None:
-            bar.update(min(int(cap), sum(h["steps"] for h in hist)) - min(int(cap), before))
-            last = hist[-chunk:]
-            bar.set_postfix(ep=len(hist), ep_steps=f"{sum(h['steps'] for h in last) / max(1, len(last)):.1f}",
-                            loss=f"{sum(h['mean_loss'] for h in last) / max(1, len(last)):.2f}",
-                            thr=hist[-1]["threshold"], s=hist[-1]["bptt"])
-    if bar is not None:
-        bar.close()
-    log(f"meta-train: {len(hist)} episodes, {sum(h['steps'] for h in hist)} steps")
-    return hist

@@ -29,7 +29,7 @@ import glob
 import json
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -250,16 +250,28 @@ def run_metatraining(args, cfg: Dict, model, stream, out_dir: str, key_parts: Di
     return meta, meta_path, history
 
 
+DIAGNOSTIC_OPTIONS = ("reset_every", "min_gate")
+
+
+def figure7_methods(methods: Dict[str, Dict]) -> Dict[str, Dict]:
+    """The methods whose meta-test updates Figure 7 pools: those of kind "ours" that run the
+    meta-learner as trained (options that change its update, ``reset_every`` and ``min_gate``,
+    leave a method out; ``trace`` only reads), or every "ours" if all have such options."""
+    ours = {m: s for m, s in methods.items() if s.get("kind") == "ours"}
+    plain = {m: s for m, s in ours.items() if not any(s.get(k) is not None for k in DIAGNOSTIC_OPTIONS)}
+    return plain or ours
+
+
 def meta_test(model, w0, tasks_list, seeds_list, readout_cfg, mtest, methods, meta, meta_path, impl, device,
               cache_dir: str, key_parts: Dict, progress: bool, log: Callable, delta_path: str):
     """run_meta_test for each (TwoTasks, seeds) pair, runs concatenated per method; returns
-    (runs, DeltaHistogram of "ours"'s meta-test updates, readout description)."""
+    (runs, DeltaHistogram of the meta-test updates of :func:`figure7_methods`, readout description)."""
     from lrmt_fast.evaluate import run_meta_test, sha_file
     from lrmt_fast.figures import DeltaHistogram, record_deltas
     from lrmt_fast.readout import Readout, ReadoutData
 
     runs: Dict[str, List[Dict]] = {m: [] for m in methods}
-    ours = {m: s for m, s in methods.items() if s.get("kind") == "ours"}
+    ours = figure7_methods(methods)
     dkey = common._key({**key_parts, "meta": sha_file(meta_path) if meta_path and os.path.exists(meta_path) else None,
                         "metatest": dataclasses.asdict(mtest), "seeds": [list(s) for s in seeds_list],
                         "data": [t.fingerprint() for t in tasks_list], "ours": ours})
@@ -276,25 +288,30 @@ def meta_test(model, w0, tasks_list, seeds_list, readout_cfg, mtest, methods, me
                 pass
     need_hist = hist is not None and "all" not in hist.groups
     describe = None
+
+    def run(todo, tasks, readout, seeds, cache, show):
+        return run_meta_test(model, w0, tasks, readout, mtest, todo, seeds, meta=meta, meta_path=meta_path, impl=impl,
+                             device=device, cache_dir=cache, key_parts=key_parts, progress=show, log=log)
+
     for tasks, seeds in zip(tasks_list, seeds_list):
         readout = Readout(model, ReadoutData(tasks, readout_cfg, device))
         describe = readout.data.describe()
-        rec = DeltaHistogram(hist.lo, hist.hi, hist.bins) if need_hist else None
-        if rec is not None:
+        r: Dict[str, List[Dict]] = {}
+        if need_hist:
+            # every update of every run of the Figure 7 methods: a run taken from the run cache
+            # records nothing, so unless all were computed here they are rolled out again, uncached
+            want = len(ours) * len(seeds) * mtest.steps * sum(l.cout * l.p for l in meta.layers)
+            rec = DeltaHistogram(hist.lo, hist.hi, hist.bins)
             with record_deltas(rec):
-                r = run_meta_test(model, w0, tasks, readout, mtest, methods, seeds, meta=meta, meta_path=meta_path,
-                                  impl=impl, device=device, cache_dir=cache_dir, key_parts=key_parts,
-                                  progress=progress, log=log)
-            if "all" not in rec.groups:    # "ours" came from the run cache: roll it out again, uncached
+                r.update(run(ours, tasks, readout, seeds, cache_dir, progress))
+            if rec.groups.get("all", {}).get("n") != want:
+                rec = DeltaHistogram(hist.lo, hist.hi, hist.bins)
                 with record_deltas(rec):
-                    run_meta_test(model, w0, tasks, readout, mtest, ours, seeds, meta=meta, meta_path=meta_path,
-                                  impl=impl, device=device, cache_dir=None, key_parts=key_parts,
-                                  progress=False, log=log)
+                    run(ours, tasks, readout, seeds, None, False)
             hist.merge(rec)
-        else:
-            r = run_meta_test(model, w0, tasks, readout, mtest, methods, seeds, meta=meta, meta_path=meta_path,
-                              impl=impl, device=device, cache_dir=cache_dir, key_parts=key_parts,
-                              progress=progress, log=log)
+        rest = {m: s for m, s in methods.items() if m not in r}
+        if rest:
+            r.update(run(rest, tasks, readout, seeds, cache_dir, progress))
         for m in methods:
             runs[m] += r[m]
     if need_hist:

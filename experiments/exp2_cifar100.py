@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Dict, List
+from typing import Dict
 
 import torch
 

@@ -17,7 +17,7 @@ update theta in place while graphs of earlier steps are retained for T-BPTT).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 

@@ -20,7 +20,7 @@ import contextlib
 import json
 import math
 import os
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .meta_learner import MetaLearner, find_adapted_layers
-from .student import features, grads_and_acts, logits
+from .student import features, grads_and_acts
 
 Tensor = torch.Tensor
 Batch = Tuple[Tensor, Tensor]

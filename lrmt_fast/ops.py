@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 

@@ -99,6 +99,39 @@ def test_exp1_cifar_smoke_and_rerun_reuses(env, capsys):
     assert res2["methods"] == res["methods"] and res2["delta_summary"] == res["delta_summary"]
 
 
+def test_figure7_pools_every_update_of_the_plain_ours_methods_cached_or_not(env, tmp_path):
+    """Figure 7 counts every update of every run of the "ours" methods without diagnostic
+    options, also when some of those runs come from the run cache and others do not; the
+    variants with ``reset_every`` / ``min_gate`` stay out of it, and ``trace`` gives gate_trace.png."""
+    with open(os.path.join(ROOT, "experiments", "configs", "exp1_cifar.json")) as f:
+        cfg = json.load(f)
+    out = str(tmp_path / "run")
+
+    def run(methods):
+        cfg["profiles"]["smoke"]["methods"] = methods
+        path = str(tmp_path / "exp1_cifar.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert main(["exp1-cifar", "--config", path, "--profile", "smoke", "--out", out, "--device", "cpu",
+                         "--cache-dir", env["cache"], "--no-progress"]) == 0
+        return load_results(os.path.join(out, "results.json"), [])
+
+    res = run({"ours": {"kind": "ours"}})
+    per_run = _n_synapses(res) * res["config"]["metatest"]["steps"]
+    assert res["delta_summary"]["all"]["n"] == per_run * len(res["seeds"])
+    # "ours" now comes from the run cache, "ours_traced" does not: both are counted, once
+    res = run({"ours": {"kind": "ours"}, "ours_traced": {"kind": "ours", "trace": True},
+               "ours_reset2": {"kind": "ours", "reset_every": 2}, "ours_floor": {"kind": "ours", "min_gate": 0.0}})
+    assert res["delta_summary"]["all"]["n"] == 2 * per_run * len(res["seeds"])
+    assert res["methods"]["ours_traced"]["gate_trace"]["steps"] == list(range(1, res["config"]["metatest"]["steps"] + 1))
+    assert os.path.exists(os.path.join(out, "gate_trace.png"))
+    # tracing only reads: the traced runs are the plain ones
+    for a, b in zip(res["methods"]["ours"]["runs"], res["methods"]["ours_traced"]["runs"]):
+        assert a["task_a_readout"] == b["task_a_readout"] and a["joint_readout"] == b["joint_readout"]
+
+
 def test_exp2_cifar100_smoke(env):
     out = os.path.join(env["base"], "exp2")
     res = _run("exp2-cifar100", env, out)

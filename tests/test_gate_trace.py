@@ -9,14 +9,13 @@ import torch
 
 from lrmt_fast import ops
 from lrmt_fast.baselines import MethodContext, OursLearner, make_learner
-from lrmt_fast.data.tasks import TaskData, TwoTasks, split_even
 from lrmt_fast.evaluate import MetaTestConfig, run_meta_test
 from lrmt_fast.gate_trace import GateTrace, mean_trace, plot_gate_traces
 from lrmt_fast.metatrain import build_meta_learner, student_meta_update
 from lrmt_fast.readout import Readout, ReadoutConfig, ReadoutData
 from lrmt_fast.student import grads_and_acts, param_dict
 
-from tinynet import TinyNet, tiny_data
+from tinynet import TinyNet, tiny_data, tiny_two_tasks
 
 LR = 0.05
 IMPLS = ["reference", pytest.param("fused", marks=pytest.mark.skipif(not ops.available("cpu"),
@@ -42,6 +41,15 @@ def perturbed_meta(model, seed=0):
     return meta
 
 
+def student(n_batches=4, meta_seed=0):
+    """TinyNet (seeded), its weights, a perturbed meta-learner and ``n_batches`` Task B batches of 16."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    _, _, xb, yb = tiny_data(n=16 * n_batches)
+    batches = [(xb[16 * t:16 * (t + 1)], yb[16 * t:16 * (t + 1)]) for t in range(n_batches)]
+    return model, param_dict(model), perturbed_meta(model, seed=meta_seed), batches
+
+
 def by_param(lay, rows):
     """A layer's [Cout, P] rows as (weight part, bias column) in the order of ``order`` below."""
     return [rows[:, :-1], rows[:, -1]] if lay.bias is not None else [rows]
@@ -49,11 +57,7 @@ def by_param(lay, rows):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_trace_matches_an_independent_computation(impl):
-    torch.manual_seed(0)
-    model = TinyNet()
-    _, _, xb, yb = tiny_data(n=64)
-    w0 = param_dict(model)
-    meta = perturbed_meta(model)
+    model, w0, meta, batches = student()
     ours = OursLearner(model, w0, meta, LR, impl=impl, trace=True)
     # the same rollout, out of place, with every quantity computed here
     params = {k: v.clone() for k, v in w0.items()}
@@ -61,8 +65,7 @@ def test_trace_matches_an_independent_computation(impl):
     expect, prev = [], None
     # the adapted parameters in the order of the deltas (per layer: weight, then bias)
     order = [k for lay in meta.layers for k in ([lay.weight] + ([lay.bias] if lay.bias is not None else []))]
-    for t in range(4):
-        x, y = xb[16 * t:16 * (t + 1)], yb[16 * t:16 * (t + 1)]
+    for x, y in batches:
         ours.step(x, y)
         _, grads, _ = grads_and_acts(model, params, x, y, "b", [])
         params, state, deltas, _ = student_meta_update(model, meta, params, state, x, y, LR, impl="reference")
@@ -100,12 +103,10 @@ def test_trace_matches_an_independent_computation(impl):
 
 def test_trace_at_the_sgd_exact_initialisation():
     """delta = 1 everywhere: the update is SGD (ratio 1), nothing negative, the gate never changes."""
-    torch.manual_seed(0)
-    model = TinyNet()
-    _, _, xb, yb = tiny_data(n=48)
-    ours = OursLearner(model, param_dict(model), build_meta_learner(model, 4, 4), LR, impl="reference", trace=True)
-    for t in range(3):
-        ours.step(xb[16 * t:16 * (t + 1)], yb[16 * t:16 * (t + 1)])
+    model, w0, _, batches = student(3)
+    ours = OursLearner(model, w0, build_meta_learner(model, 4, 4), LR, impl="reference", trace=True)
+    for x, y in batches:
+        ours.step(x, y)
     tr = ours.trace.to_dict()
     for grp in tr["groups"].values():
         assert grp["descent_ratio"] == pytest.approx([1.0] * 3, abs=1e-6)
@@ -121,18 +122,13 @@ def test_trace_through_the_generic_observer_without_start_weights(impl):
     """``observe_meta_updates`` feeds a GateTrace from any rollout; without w0 it has no drift."""
     from lrmt_fast.figures import observe_meta_updates
 
-    torch.manual_seed(0)
-    model = TinyNet()
-    _, _, xb, yb = tiny_data(n=48)
-    meta = perturbed_meta(model, seed=2)
-    traced = OursLearner(model, param_dict(model), meta, LR, impl=impl, trace=True)
-    plain = OursLearner(model, param_dict(model), meta, LR, impl=impl)
+    model, w0, meta, batches = student(3, meta_seed=2)
+    traced = OursLearner(model, w0, meta, LR, impl=impl, trace=True)
+    plain = OursLearner(model, w0, meta, LR, impl=impl)
     seen = GateTrace()
-    w0 = param_dict(model)
     out_of_place = GateTrace(w0)              # the differentiable update's observe hook
     params, state = dict(w0), meta.init_state()
-    for t in range(3):
-        x, y = xb[16 * t:16 * (t + 1)], yb[16 * t:16 * (t + 1)]
+    for x, y in batches:
         traced.step(x, y)
         with observe_meta_updates(seen.record):
             plain.step(x, y)
@@ -154,12 +150,7 @@ def test_trace_through_the_generic_observer_without_start_weights(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_reset_every_restarts_the_lstm_state_like_a_fresh_learner(impl):
-    torch.manual_seed(0)
-    model = TinyNet()
-    _, _, xb, yb = tiny_data(n=64)
-    w0 = param_dict(model)
-    meta = perturbed_meta(model, seed=1)
-    batches = [(xb[16 * t:16 * (t + 1)], yb[16 * t:16 * (t + 1)]) for t in range(4)]
+    model, w0, meta, batches = student(meta_seed=1)
     reset = OursLearner(model, w0, meta, LR, impl=impl, reset_every=2)
     plain = OursLearner(model, w0, meta, LR, impl=impl)
     for x, y in batches[:2]:
@@ -186,18 +177,13 @@ def test_min_gate_floors_the_gate_of_the_trunk_update(impl):
     delta changes nothing; the trace sees the floored gate."""
     from lrmt_fast.meta_learner import pack_rows, unpack_rows
 
-    torch.manual_seed(0)
-    model = TinyNet()
-    _, _, xb, yb = tiny_data(n=64)
-    w0 = param_dict(model)
-    meta = perturbed_meta(model, seed=3)
+    model, w0, meta, batches = student(meta_seed=3)
     floored = OursLearner(model, w0, meta, LR, impl=impl, min_gate=0.0, trace=True)
     low = OursLearner(model, w0, meta, LR, impl=impl, min_gate=-10.0)      # |delta| <= |s| ~ 1.31
     plain = OursLearner(model, w0, meta, LR, impl=impl)
     params, state = {k: v.clone() for k, v in w0.items()}, meta.init_state()
     negatives = 0
-    for t in range(4):
-        x, y = xb[16 * t:16 * (t + 1)], yb[16 * t:16 * (t + 1)]
+    for t, (x, y) in enumerate(batches):
         for learner in (floored, low, plain):
             learner.step(x, y)
         _, grads, _ = grads_and_acts(model, params, x, y, "b", [])
@@ -239,11 +225,7 @@ def test_meta_test_runs_carry_the_trace_into_results_and_a_figure(tmp_path):
 
     torch.manual_seed(0)
     model = TinyNet()
-    xa, ya, xb, yb = tiny_data(n=40)
-    xta, yta, xtb, ytb = tiny_data(n=20, seed=1)
-    a = TaskData("A", 3, xa, ya, xta, yta, fp="a")
-    b = TaskData("B", 3, xb, yb, xtb, ytb, fp="b")
-    tasks = TwoTasks(a, b, *split_even(b.train_x.shape[0], 0))
+    tasks = tiny_two_tasks()
     w0 = param_dict(model)
     cfg = MetaTestConfig(steps=5, every=5, batch=8, batch_a=8, lr=LR)
     readout = Readout(model, ReadoutData(tasks, ReadoutConfig(steps=5)))

@@ -1,6 +1,5 @@
 """The readout measure (lrmt_fast.readout), the meta-test baselines (lrmt_fast.baselines) and
 the meta-test loop (lrmt_fast.evaluate) on tiny synthetic data: no datasets needed, seconds."""
-import math
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from lrmt_fast.pretrain import accuracy
 from lrmt_fast.readout import Readout, ReadoutConfig, ReadoutData, readout_accuracy, train_linear
 from lrmt_fast.student import param_dict
 
-from tinynet import TinyNet, tiny_data
+from tinynet import TinyNet, tiny_data, tiny_two_tasks
 
 
 @pytest.fixture(autouse=True)
@@ -428,11 +427,7 @@ def test_run_meta_test_same_batches_for_every_method_and_cache(tmp_path, monkeyp
 
     torch.manual_seed(0)
     model = TinyNet()
-    xa, ya, xb, yb = tiny_data(n=40)
-    xte_a, yte_a, xte_b, yte_b = tiny_data(n=20, seed=1)
-    a = TaskData("A", 3, xa, ya, xte_a, yte_a, fp="a")
-    b = TaskData("B", 3, xb, yb, xte_b, yte_b, fp="b")
-    tasks = two_tasks(a, b)
+    tasks = tiny_two_tasks()
     w0 = param_dict(model)
     cfg = MetaTestConfig(steps=4, every=2, batch=8, batch_a=8, lr=LR, fisher_samples=16)
     methods = {"freeze": {"kind": "freeze"}, "sgd": {"kind": "sgd"}, "sgd_x0.1": {"kind": "sgd", "lr_scale": 0.1},

@@ -1,6 +1,5 @@
 """The reference meta-step: shapes, bias handling, SGD at initialisation,
 the LSTM cells against torch.nn.LSTM, and gradcheck in float64."""
-import math
 
 import pytest
 import torch

@@ -28,3 +28,13 @@ def tiny_data(n=64, dtype=torch.float32, seed=0):
     xb = torch.randn(n, 1, 6, 6, generator=g, dtype=dtype) + 0.5
     yb = torch.randint(0, 3, (n,), generator=g)
     return xa, ya, xb, yb
+
+
+def tiny_two_tasks(n=40, n_test=20):
+    """TinyNet-shaped Task A and Task B (3 classes each) with an even D_B1 / D_B2 split."""
+    from lrmt_fast.data.tasks import TaskData, TwoTasks, split_even
+    xa, ya, xb, yb = tiny_data(n=n)
+    xta, yta, xtb, ytb = tiny_data(n=n_test, seed=1)
+    a = TaskData("A", 3, xa, ya, xta, yta, fp="a")
+    b = TaskData("B", 3, xb, yb, xtb, ytb, fp="b")
+    return TwoTasks(a, b, *split_even(b.train_x.shape[0], 0))

@@ -7,7 +7,6 @@ convolutions have no bias (GroupNorm's beta plays that role); the shortcut
 between stages is the parameter-free option A (stride-2 subsampling and zero
 channel padding) of the original CIFAR ResNet.
 """
-import torch
 import torch.nn.functional as F
 from torch import nn
 
