@@ -293,31 +293,33 @@ def meta_test(model, w0, tasks_list, seeds_list, readout_cfg, mtest, methods, me
         return run_meta_test(model, w0, tasks, readout, mtest, todo, seeds, meta=meta, meta_path=meta_path, impl=impl,
                              device=device, cache_dir=cache, key_parts=key_parts, progress=show, log=log)
 
-    for tasks, seeds in zip(tasks_list, seeds_list):
-        readout = Readout(model, ReadoutData(tasks, readout_cfg, device))
-        describe = readout.data.describe()
-        r: Dict[str, List[Dict]] = {}
-        if need_hist:
-            # every update of every run of the Figure 7 methods: a run taken from the run cache
-            # records nothing, so unless all were computed here they are rolled out again, uncached
-            want = len(ours) * len(seeds) * mtest.steps * sum(l.cout * l.p for l in meta.layers)
+    done: List[Dict[str, List[Dict]]] = [{} for _ in tasks_list]
+    if need_hist:
+        # first the Figure 7 methods, every update of every run of them recorded: a run taken
+        # from the run cache records nothing, so unless all were computed here they are rolled
+        # out again, uncached; the histogram is saved before the other methods run
+        want = sum(l.cout * l.p for l in meta.layers) * mtest.steps * len(ours)
+        for r, tasks, seeds in zip(done, tasks_list, seeds_list):
+            readout = Readout(model, ReadoutData(tasks, readout_cfg, device))
             rec = DeltaHistogram(hist.lo, hist.hi, hist.bins)
             with record_deltas(rec):
                 r.update(run(ours, tasks, readout, seeds, cache_dir, progress))
-            if rec.groups.get("all", {}).get("n") != want:
+            if rec.groups.get("all", {}).get("n") != want * len(seeds):
                 rec = DeltaHistogram(hist.lo, hist.hi, hist.bins)
                 with record_deltas(rec):
                     run(ours, tasks, readout, seeds, None, False)
             hist.merge(rec)
+        d = hist.to_dict()
+        d["key"] = dkey
+        _write_json(delta_path, d)
+    for r, tasks, seeds in zip(done, tasks_list, seeds_list):
+        readout = Readout(model, ReadoutData(tasks, readout_cfg, device))
+        describe = readout.data.describe()
         rest = {m: s for m, s in methods.items() if m not in r}
         if rest:
             r.update(run(rest, tasks, readout, seeds, cache_dir, progress))
         for m in methods:
             runs[m] += r[m]
-    if need_hist:
-        d = hist.to_dict()
-        d["key"] = dkey
-        _write_json(delta_path, d)
     return runs, hist, describe
 
 
@@ -351,7 +353,7 @@ def finish(cfg: Dict, runs, seeds, out_dir: str, history: List[Dict], hist, extr
     res = R.aggregate(runs, cfg.get("experiment", NAME), cfg.get("profile", ""), seeds, config, extra)
     paths = R.write_all(res, out_dir)
     log(f"wrote {paths['json']}, {paths['table']}, {paths['curves']}"
-        + "".join(f", {v}" for v in figs.values()))
+        + "".join(f", {v}" for v in figs.values()) + (f", {paths['gate_trace']}" if "gate_trace" in paths else ""))
     return res
 
 
