@@ -203,6 +203,16 @@ def combined_table(results: Sequence[Dict], titles: Optional[Sequence[str]] = No
 _STYLE = {"freeze": ("--", "k"), "teacher": ("-", "tab:green"), "sgd": ("-", "tab:blue"),
           "sgd_x0.1": ("-", "tab:cyan"), "lwf": ("-", "tab:purple"), "ewc": ("-", "tab:orange"),
           "ours": ("-", "tab:red")}
+# colours for methods beyond the paper's (e.g. ewc_100, diagnostic variants of ours), dotted
+_EXTRA_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:gray", "gold", "navy", "teal", "magenta")
+
+
+def _styles(names: Sequence[str]) -> Dict[str, tuple]:
+    """(line style, colour) per method: the paper's fixed ones, the others distinct from them."""
+    extra = [m for m in names if m not in _STYLE]
+    out = {m: (":", _EXTRA_COLOURS[i % len(_EXTRA_COLOURS)]) for i, m in enumerate(extra)}
+    out.update({m: _STYLE[m] for m in names if m in _STYLE})
+    return out
 
 
 def plot_curves(res: Dict, path: str, methods: Optional[Sequence[str]] = None) -> str:
@@ -218,10 +228,11 @@ def plot_curves(res: Dict, path: str, methods: Optional[Sequence[str]] = None) -
     has_freeze = "freeze" in meths
     rows = 2 if has_freeze else 1
     fig, axes = plt.subplots(rows, 2, figsize=(11, 4.2 * rows), squeeze=False)
+    styles = _styles(names)
     for col, (key, title) in enumerate((("task_a_readout", "Task A"), ("task_b_readout", "Task B"))):
         for m in names:
             e = meths[m]
-            ls, color = _STYLE.get(m, (":", None))
+            ls, color = styles[m]
             mean, sem = e[key]["mean"], e[key]["sem"]
             kw = dict(ls=ls, color=color, label=display_name(m), capsize=2, lw=1.5, marker=".", ms=4)
             axes[0][col].errorbar(e["steps"], mean, yerr=sem, **kw)

@@ -87,3 +87,13 @@ def test_figure_inputs_must_be_nonempty(tmp_path):
         figure6([], str(tmp_path / "a.png"))
     with pytest.raises(ValueError, match="no deltas"):
         figure7(DeltaHistogram(), str(tmp_path / "b.png"))
+
+
+def test_curve_styles_keep_the_paper_colours_and_give_other_methods_distinct_ones():
+    from lrmt_fast.results import _STYLE, _styles
+    names = ["freeze", "sgd", "ours", "ours_reset100", "ours_min_gate0", "ewc_100", "teacher"]
+    st = _styles(names)
+    assert all(st[m] == _STYLE[m] for m in ("freeze", "sgd", "ours", "teacher"))
+    colours = [c for _, c in st.values()]
+    assert len(set(colours)) == len(colours)                  # no two methods share a colour
+    assert {st[m][0] for m in ("ours_reset100", "ours_min_gate0", "ewc_100")} == {":"}
