@@ -570,6 +570,10 @@ def test_shipped_cifar_profiles_that_extend_others():
     assert tr["methods"]["ours"] == dict(x4["methods"]["ours"], trace=True)
     assert tr["methods"]["ours_reset100"] == dict(x4["methods"]["ours"], trace=True, reset_every=100)
     assert tr["methods"]["ours_min_gate0"] == dict(x4["methods"]["ours"], trace=True, min_gate=0.0)
+    tr1 = resolve_profile(e1, "cpu_finish_avg_trace")      # the same for cpu_finish_avg's meta-learner
+    assert without(tr1, "methods") == without(avg1, "methods")
+    assert {k: v for k, v in tr1["methods"].items() if k != "ours_reset100"} == \
+        {k: v for k, v in tr["methods"].items() if k != "ours_reset100"}
     lr03 = resolve_profile(os.path.join(d, "exp1_cifar.json"), "cpu_lr0.03")
     assert lr03["metatrain"]["lr"] == lr03["metatest"]["lr"] == 0.03 and lr03["metatrain"]["max_steps"] == 100
 
