@@ -348,6 +348,8 @@ def finish(cfg: Dict, runs, seeds, out_dir: str, history: List[Dict], hist, extr
                                   title=f"{fig_title}: meta-learner outputs during meta-test")
         extra["delta_summary"] = hist.summary()
     extra["figures"] = {k: os.path.basename(v) for k, v in figs.items()}
+    if any(runs[m] and all("gate_trace" in r for r in runs[m]) for m in runs):
+        extra["figures"]["gate_trace"] = "gate_trace.png"      # written by results.write_all
     config = {k: v for k, v in cfg.items() if k not in ("profile", "experiment")}
     config.update(extra.pop("config_extra", {}))
     res = R.aggregate(runs, cfg.get("experiment", NAME), cfg.get("profile", ""), seeds, config, extra)

@@ -126,7 +126,7 @@ def test_figure7_pools_every_update_of_the_plain_ours_methods_cached_or_not(env,
                "ours_reset2": {"kind": "ours", "reset_every": 2}, "ours_floor": {"kind": "ours", "min_gate": 0.0}})
     assert res["delta_summary"]["all"]["n"] == 2 * per_run * len(res["seeds"])
     assert res["methods"]["ours_traced"]["gate_trace"]["steps"] == list(range(1, res["config"]["metatest"]["steps"] + 1))
-    assert os.path.exists(os.path.join(out, "gate_trace.png"))
+    assert os.path.exists(os.path.join(out, "gate_trace.png")) and res["figures"]["gate_trace"] == "gate_trace.png"
     # tracing only reads: the traced runs are the plain ones
     for a, b in zip(res["methods"]["ours"]["runs"], res["methods"]["ours_traced"]["runs"]):
         assert a["task_a_readout"] == b["task_a_readout"] and a["joint_readout"] == b["joint_readout"]
