@@ -574,6 +574,9 @@ def test_shipped_cifar_profiles_that_extend_others():
     assert without(tr1, "methods") == without(avg1, "methods")
     assert {k: v for k, v in tr1["methods"].items() if k != "ours_reset100"} == \
         {k: v for k, v in tr["methods"].items() if k != "ours_reset100"}
+    for f in ("exp1_cifar.json", "exp2_cifar100.json", "exp3_unseen_init.json"):
+        for prof in ("quick", "paper"):      # the paper-scale runs trace the gate of "ours" (it only reads)
+            assert resolve_profile(os.path.join(d, f), prof)["methods"]["ours"] == {"kind": "ours", "trace": True}
     lr03 = resolve_profile(os.path.join(d, "exp1_cifar.json"), "cpu_lr0.03")
     assert lr03["metatrain"]["lr"] == lr03["metatest"]["lr"] == 0.03 and lr03["metatrain"]["max_steps"] == 100
 
