@@ -273,3 +273,25 @@ def test_mean_trace_and_plot_reject_what_they_cannot_combine(tmp_path):
         mean_trace([])
     with pytest.raises(ValueError, match="no traces"):
         plot_gate_traces({}, str(tmp_path / "x.png"))
+
+
+@pytest.mark.cuda
+def test_trace_and_min_gate_on_the_gpu_match_the_cpu():
+    """The meta-test of "ours" with trace and min_gate on CUDA (fused CUDA op) gives the CPU
+    reference's trace and weights within float32 tolerance over a few steps."""
+    model, w0, meta, batches = student(meta_seed=4)
+    out = {}
+    for dev, impl in (("cpu", "reference"), ("cuda", None)):
+        m = copy.deepcopy(model).to(dev)
+        learner = OursLearner(m, {k: v.to(dev) for k, v in w0.items()}, copy.deepcopy(meta).to(dev), LR, impl=impl,
+                              trace=True, min_gate=0.0)
+        for x, y in batches:
+            learner.step(x.to(dev), y.to(dev))
+        out[dev] = (learner.trace.to_dict(), {k: v.cpu() for k, v in learner.params.items()})
+    (tc, pc), (tg, pg) = out["cpu"], out["cuda"]
+    for k in pc:
+        torch.testing.assert_close(pg[k], pc[k], rtol=1e-4, atol=1e-5)
+    for g in tc["groups"]:
+        for m, v in tc["groups"][g].items():
+            assert tg["groups"][g][m] == pytest.approx(v, rel=1e-3, abs=1e-5), (g, m)
+    assert tg["c_absmax"] == pytest.approx(tc["c_absmax"], rel=1e-3)
