@@ -250,15 +250,13 @@ def run_metatraining(args, cfg: Dict, model, stream, out_dir: str, key_parts: Di
     return meta, meta_path, history
 
 
-DIAGNOSTIC_OPTIONS = ("reset_every", "min_gate")
-
-
 def figure7_methods(methods: Dict[str, Dict]) -> Dict[str, Dict]:
     """The methods whose meta-test updates Figure 7 pools: those of kind "ours" that run the
     meta-learner as trained (options that change its update, ``reset_every`` and ``min_gate``,
     leave a method out; ``trace`` only reads), or every "ours" if all have such options."""
+    from lrmt_fast.baselines import OURS_UPDATE_OPTIONS
     ours = {m: s for m, s in methods.items() if s.get("kind") == "ours"}
-    plain = {m: s for m, s in ours.items() if not any(s.get(k) is not None for k in DIAGNOSTIC_OPTIONS)}
+    plain = {m: s for m, s in ours.items() if not any(s.get(k) is not None for k in OURS_UPDATE_OPTIONS)}
     return plain or ours
 
 
@@ -275,7 +273,7 @@ def meta_test(model, w0, tasks_list, seeds_list, readout_cfg, mtest, methods, me
     dkey = common._key({**key_parts, "meta": sha_file(meta_path) if meta_path and os.path.exists(meta_path) else None,
                         "metatest": dataclasses.asdict(mtest), "seeds": [list(s) for s in seeds_list],
                         "data": [t.fingerprint() for t in tasks_list], "ours": ours})
-    hist = None
+    hist, hist_draws = None, 0          # hist_draws: how many draws the saved histogram covers
     if meta is not None and ours:
         hist = DeltaHistogram.for_meta(meta)
         if os.path.exists(delta_path):
@@ -284,37 +282,34 @@ def meta_test(model, w0, tasks_list, seeds_list, readout_cfg, mtest, methods, me
                     saved = json.load(f)
                 if saved.get("key") == dkey:
                     hist = DeltaHistogram.from_dict(saved)
+                    hist_draws = int(saved.get("draws", len(tasks_list)))
             except (OSError, ValueError, KeyError):
                 pass
-    need_hist = hist is not None and "all" not in hist.groups
     describe = None
 
     def run(todo, tasks, readout, seeds, cache, show):
         return run_meta_test(model, w0, tasks, readout, mtest, todo, seeds, meta=meta, meta_path=meta_path, impl=impl,
                              device=device, cache_dir=cache, key_parts=key_parts, progress=show, log=log)
 
-    done: List[Dict[str, List[Dict]]] = [{} for _ in tasks_list]
-    if need_hist:
-        # first the Figure 7 methods, every update of every run of them recorded: a run taken
-        # from the run cache records nothing, so unless all were computed here they are rolled
-        # out again, uncached; the histogram is saved before the other methods run
-        want = sum(l.cout * l.p for l in meta.layers) * mtest.steps * len(ours)
-        for r, tasks, seeds in zip(done, tasks_list, seeds_list):
-            readout = Readout(model, ReadoutData(tasks, readout_cfg, device))
+    for i, (tasks, seeds) in enumerate(zip(tasks_list, seeds_list)):
+        readout = Readout(model, ReadoutData(tasks, readout_cfg, device))
+        describe = readout.data.describe()
+        r: Dict[str, List[Dict]] = {}
+        if hist is not None and i >= hist_draws:
+            # first the Figure 7 methods, every update of every run of them recorded: a run taken
+            # from the run cache records nothing, so unless all were computed here they are rolled
+            # out again, uncached; the histogram is saved (with the draws it covers) before the
+            # other methods run, so an interrupted meta-test does not roll them out again
+            want = sum(l.cout * l.p for l in meta.layers) * mtest.steps * len(ours) * len(seeds)
             rec = DeltaHistogram(hist.lo, hist.hi, hist.bins)
             with record_deltas(rec):
                 r.update(run(ours, tasks, readout, seeds, cache_dir, progress))
-            if rec.groups.get("all", {}).get("n") != want * len(seeds):
+            if rec.groups.get("all", {}).get("n") != want:
                 rec = DeltaHistogram(hist.lo, hist.hi, hist.bins)
                 with record_deltas(rec):
                     run(ours, tasks, readout, seeds, None, False)
             hist.merge(rec)
-        d = hist.to_dict()
-        d["key"] = dkey
-        _write_json(delta_path, d)
-    for r, tasks, seeds in zip(done, tasks_list, seeds_list):
-        readout = Readout(model, ReadoutData(tasks, readout_cfg, device))
-        describe = readout.data.describe()
+            _write_json(delta_path, {**hist.to_dict(), "key": dkey, "draws": i + 1})
         rest = {m: s for m, s in methods.items() if m not in r}
         if rest:
             r.update(run(rest, tasks, readout, seeds, cache_dir, progress))
@@ -348,8 +343,6 @@ def finish(cfg: Dict, runs, seeds, out_dir: str, history: List[Dict], hist, extr
                                   title=f"{fig_title}: meta-learner outputs during meta-test")
         extra["delta_summary"] = hist.summary()
     extra["figures"] = {k: os.path.basename(v) for k, v in figs.items()}
-    if any(runs[m] and all("gate_trace" in r for r in runs[m]) for m in runs):
-        extra["figures"]["gate_trace"] = "gate_trace.png"      # written by results.write_all
     config = {k: v for k, v in cfg.items() if k not in ("profile", "experiment")}
     config.update(extra.pop("config_extra", {}))
     res = R.aggregate(runs, cfg.get("experiment", NAME), cfg.get("profile", ""), seeds, config, extra)

@@ -45,6 +45,8 @@ from .student import features, logits
 Tensor = torch.Tensor
 Params = Dict[str, Tensor]
 KINDS = ("freeze", "sgd", "lwf", "ewc", "teacher", "ours")
+# the diagnostic options of "ours" that change its update (``trace`` only reads)
+OURS_UPDATE_OPTIONS = ("reset_every", "min_gate")
 
 
 def trunk_keys(params: Params) -> list:

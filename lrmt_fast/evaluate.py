@@ -59,6 +59,13 @@ def run_key(parts: Dict) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def run_start(w0: Dict[str, Tensor], xb2: Tensor, yb2: Tensor, cfg: MetaTestConfig, seed: int):
+    """(starting weights with this seed's fresh head_b, this seed's Task B batch stream): what
+    every method of meta-test seed ``seed`` starts from and sees."""
+    return (fresh_head_b(w0, torch.Generator().manual_seed(1000 + seed)),
+            BatchStream(xb2, yb2, cfg.batch, torch.Generator().manual_seed(2000 + seed)))
+
+
 def rollout(learner, stream_b: BatchStream, readout: Readout, cfg: MetaTestConfig, seed: int,
             bar=None) -> Dict:
     """Run ``cfg.steps`` updates of ``learner``; readouts at ``cfg.checkpoints()``."""
@@ -136,8 +143,7 @@ def run_meta_test(model: nn.Module, w0: Dict[str, Tensor], tasks: TwoTasks, read
         if bar is not None:
             bar.set_description(f"meta-test {name} seed {s}")
         t0 = time.time()
-        start = fresh_head_b(w0, torch.Generator().manual_seed(1000 + s))
-        stream_b = BatchStream(xb2, yb2, cfg.batch, torch.Generator().manual_seed(2000 + s))
+        start, stream_b = run_start(w0, xb2, yb2, cfg, s)
         stream_a = BatchStream(ctx.task_a_x, ctx.task_a_y, cfg.batch_a, torch.Generator().manual_seed(3000 + s))
         learner = make_learner(spec, ctx, start, next_a=stream_a.next)
         run = rollout(learner, stream_b, readout, cfg, seed=s, bar=bar)

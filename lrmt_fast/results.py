@@ -264,21 +264,24 @@ def plot_curves(res: Dict, path: str, methods: Optional[Sequence[str]] = None) -
 
 # --------------------------------------------------------------------------- writing
 def write_all(res: Dict, out_dir: str) -> Dict[str, str]:
-    """results.json, table.md and curves.png in ``out_dir`` (atomic writes); returns their paths."""
+    """results.json, table.md and curves.png in ``out_dir`` (atomic writes), and gate_trace.png
+    when a method carries a gate trace (named in ``res["figures"]``); returns their paths."""
     validate(res, required_methods=[])
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "results.json"), "table": os.path.join(out_dir, "table.md"),
              "curves": os.path.join(out_dir, "curves.png")}
+    traces = {m: e["gate_trace"] for m, e in res["methods"].items() if "gate_trace" in e}
+    if traces:
+        paths["gate_trace"] = os.path.join(out_dir, "gate_trace.png")
+        res.setdefault("figures", {})["gate_trace"] = os.path.basename(paths["gate_trace"])
     for key, text in (("json", json.dumps(res, indent=1) + "\n"), ("table", format_table(res))):
         tmp = paths[key] + ".tmp"
         with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, paths[key])
     plot_curves(res, paths["curves"])
-    traces = {m: e["gate_trace"] for m, e in res["methods"].items() if "gate_trace" in e}
     if traces:
         from .gate_trace import plot_gate_traces
         horizon = ((res.get("config") or {}).get("metatrain") or {}).get("max_steps")
-        paths["gate_trace"] = plot_gate_traces(traces, os.path.join(out_dir, "gate_trace.png"),
-                                               horizon=horizon if isinstance(horizon, int) else None)
+        plot_gate_traces(traces, paths["gate_trace"], horizon=horizon if isinstance(horizon, int) else None)
     return paths

@@ -132,6 +132,35 @@ def test_figure7_pools_every_update_of_the_plain_ours_methods_cached_or_not(env,
         assert a["task_a_readout"] == b["task_a_readout"] and a["joint_readout"] == b["joint_readout"]
 
 
+def test_figure7_histogram_is_saved_per_draw_and_an_interrupted_run_keeps_it(env, monkeypatch):
+    """Exp 2 meta-tests several draws: the histogram is saved after each draw's "ours" runs, so
+    a run interrupted in the second draw resumes without rolling the first draw's out again."""
+    import lrmt_fast.evaluate as ev
+    out = os.path.join(env["base"], "exp2_interrupted")
+    real = ev.run_meta_test
+    calls = []
+
+    def interrupted(*a, **k):
+        calls.append(k.get("cache_dir"))
+        if len(calls) == 3:              # draw 0: "ours", the rest; draw 1: "ours" -> Ctrl-C
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "run_meta_test", interrupted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["exp2-cifar100", "--profile", "smoke", "--out", out, "--device", "cpu", "--cache-dir",
+                     env["cache"], "--no-progress"]) == 130
+    saved = json.load(open(os.path.join(out, "cache", "delta_hist.json")))
+    assert saved["draws"] == 1
+    calls.clear()
+    monkeypatch.setattr(ev, "run_meta_test", lambda *a, **k: calls.append(k.get("cache_dir")) or real(*a, **k))
+    res = _run("exp2-cifar100", env, out)
+    assert None not in calls                 # no run rolled out again, uncached
+    assert res["delta_summary"]["all"]["n"] == _n_synapses(res) * res["config"]["metatest"]["steps"] * len(res["seeds"])
+    assert saved["groups"]["all"]["n"] * 2 == res["delta_summary"]["all"]["n"]      # one draw of two
+
+
 def test_exp2_cifar100_smoke(env):
     out = os.path.join(env["base"], "exp2")
     res = _run("exp2-cifar100", env, out)

@@ -206,18 +206,17 @@ def test_min_gate_floors_the_gate_of_the_trunk_update(impl):
     assert tr["frac_negative"] == [0.0] * 4 and all(0 < r for r in tr["descent_ratio"])
 
 
-@pytest.mark.parametrize("bad", [0, -3, 1.5, True, "100"])
-def test_bad_reset_every_is_a_clear_error(bad):
+@pytest.mark.parametrize("option, bad, words", [
+    *[("reset_every", v, "reset_every must be a positive integer") for v in (0, -3, 1.5, True, "100")],
+    ("trace", "yes", "trace must be true or false"),
+    *[("min_gate", v, "min_gate must be a finite number") for v in ("0", float("nan"), float("inf"), False)],
+])
+def test_bad_options_of_ours_are_clear_errors(option, bad, words):
     model = TinyNet()
     w0 = param_dict(model)
     ctx = MethodContext(model, w0, LR, meta=build_meta_learner(model, 4, 4))
-    with pytest.raises(ValueError, match="reset_every must be a positive integer"):
-        make_learner({"kind": "ours", "reset_every": bad}, ctx, w0)
-    with pytest.raises(ValueError, match="trace must be true or false"):
-        make_learner({"kind": "ours", "trace": "yes"}, ctx, w0)
-    for gate in ("0", float("nan"), float("inf"), False):
-        with pytest.raises(ValueError, match="min_gate must be a finite number"):
-            make_learner({"kind": "ours", "min_gate": gate}, ctx, w0)
+    with pytest.raises(ValueError, match=words):
+        make_learner({"kind": "ours", option: bad}, ctx, w0)
 
 
 def test_meta_test_runs_carry_the_trace_into_results_and_a_figure(tmp_path):

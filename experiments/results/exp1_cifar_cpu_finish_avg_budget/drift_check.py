@@ -19,9 +19,9 @@ from experiments import common
 from experiments import exp1_cifar as E
 from lrmt_fast.baselines import OursLearner
 from lrmt_fast.data.cifar import even_split, to_task_data
-from lrmt_fast.data.tasks import BatchStream, TwoTasks
+from lrmt_fast.data.tasks import TwoTasks
+from lrmt_fast.evaluate import MetaTestConfig, run_start
 from lrmt_fast.metatrain import build_meta_learner, load_meta
-from lrmt_fast.pretrain import fresh_head_b
 from lrmt_fast.student import param_dict
 
 PROFILE = "cpu_finish_avg_x4_trace"
@@ -39,18 +39,16 @@ def main(data_root: str, seed: int = 0, meta_path: str = None) -> None:
     state, info, pcfg = E.task_a_weights(args, cfg, task_a, None, "cpu", False, print)
     model = E.build_model(pcfg, state, "cpu")
     w0 = param_dict(model)
-    lr = float(cfg["metatest"]["lr"])
+    mtest = common.dataclass_from(MetaTestConfig, cfg["metatest"], "metatest")
     metas = {"sgd (meta-learner at init)": build_meta_learner(model, cfg["metatrain"]["hidden"],
                                                                cfg["metatrain"]["hidden_gn"])}
     if meta_path:
         metas["ours (" + meta_path + ")"] = load_meta(meta_path)
     for name, meta in metas.items():
-        start = fresh_head_b(w0, torch.Generator().manual_seed(1000 + seed))
-        xb2, yb2 = tasks.b2
-        stream = BatchStream(xb2, yb2, int(cfg["metatest"]["batch"]), torch.Generator().manual_seed(2000 + seed))
-        learner = OursLearner(model, start, meta, lr, trace=True)
+        start, stream = run_start(w0, *tasks.b2, mtest, seed)
+        learner = OursLearner(model, start, meta, mtest.lr, trace=True)
         losses = []
-        for t in range(1, int(cfg["metatest"]["steps"]) + 1):
+        for t in range(1, mtest.steps + 1):
             losses.append(learner.step(*stream.next()))
             if t % 100 == 0:
                 tr = learner.trace.to_dict()["groups"]["all"]
