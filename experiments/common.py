@@ -309,18 +309,20 @@ def metatrain_with_budget(model, stream, mcfg, out_dir: str, resume: bool, budge
     main = getattr(sync, "rank", 0) == 0
     out = out_dir if main else None           # other ranks receive rank 0's state (sync_start)
     cap = budget.get("max_total_steps")
+    ckpt = os.path.join(out_dir, CKPT_NAME)
+    hist: List[Dict] = []
+    if main and resume and os.path.exists(ckpt):
+        ck = load_checkpoint(ckpt, ("history", "next_episode"), "meta-training checkpoint")
+        hist = list(ck["history"])
+        log(f"meta-train: resuming from {ckpt} at episode {int(ck['next_episode'])} of {mcfg.episodes}")
+        del ck
     if not cap:
         _, hist = metatrain(model, stream, mcfg, out_dir=out, resume=resume and main, progress=progress and main,
                             sync=sync)
         return hist
     chunk = int(budget.get("chunk_episodes", 10))
-    ckpt = os.path.join(out_dir, CKPT_NAME)
-    hist: List[Dict] = []
-    if main and os.path.exists(ckpt):
-        if resume:
-            hist = list(load_checkpoint(ckpt, ("history",), "meta-training checkpoint")["history"])
-        else:
-            os.remove(ckpt)
+    if main and not resume and os.path.exists(ckpt):
+        os.remove(ckpt)
     hist = broadcast_object(sync, hist)
     bar, lines = None, progress and main and isinstance(sync, DistSync)
     if progress and main and not lines:

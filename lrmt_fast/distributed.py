@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import time
 from typing import Any, List, Optional, Tuple
 
@@ -169,8 +170,14 @@ def init_distributed(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S,
         dev = f"cuda:{local_rank}"
     backend = backend or ("nccl" if dev.startswith("cuda") else "gloo")
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
         try:
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            store = _restart_safe_store(timeout)
+            if store is None:
+                dist.init_process_group(backend, timeout=timeout)
+            else:
+                dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                        world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
         except Exception as e:
             raise DistributedError(f"could not join the process group (backend {backend}, "
                                    f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
@@ -178,6 +185,33 @@ def init_distributed(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S,
                                    f"RANK={os.environ.get('RANK')}, WORLD_SIZE={os.environ.get('WORLD_SIZE')}): "
                                    f"{type(e).__name__}: {e}") from e
     return DistSync(dev, timeout_s=timeout_s), dev
+
+
+def _restart_safe_store(timeout: datetime.timedelta):
+    """The store for ``init_process_group`` under torchrun with ``--max-restarts``, or None for
+    the default (``env://``).
+
+    torchrun's agent keeps one TCP store for all restarts of its workers (the static rendezvous
+    always; c10d unless ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``), and ``init_process_group``
+    does not separate the attempts: the workers of a restart can read the keys of the attempt
+    before (a dead peer's gloo address, NCCL's unique id) and fail to join ("Gloo
+    connectFullMesh failed ... Connection refused"; pytorch/pytorch#135712), which uses up the
+    restarts. On one node every worker has the same ``TORCHELASTIC_RESTART_COUNT``, so the
+    attempt's keys go under a prefix of their own. Across nodes the count is kept per node and
+    need not agree (an agent that restarts for a peer's failure does not count it), so there
+    the fix is the agent's: docs/distributed.md, "Several nodes"; rank 0 warns once."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS",
+                                                                                         "0")) <= 0:
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) != 1:
+        if os.environ.get("RANK") == "0":
+            print("lrmt: warning: torchrun --max-restarts on several nodes with a shared rendezvous store can "
+                  "restart into a stale process group; use --rdzv-backend c10d and set "
+                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (docs/distributed.md)", file=sys.stderr, flush=True)
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          False, timeout)
+    return dist.PrefixStore(f"lrmt/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 # Seconds the main thread sleeps (GIL released) before leaving the process group; see shutdown().

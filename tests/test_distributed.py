@@ -300,3 +300,36 @@ def test_one_rank_group_on_each_backend(backend, device, tmp_path):
     (a, steps_a), (b, steps_b) = res["runs"]["group"], res["runs"]["local"]
     assert steps_a == steps_b and torch.isfinite(a).all()
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_restart_safe_store_choice(monkeypatch, capsys):
+    """Under torchrun with --max-restarts and the agent's shared store, one node's workers join
+    through a store prefixed by their restart count (the keys of a dead attempt stay out of
+    sight); elsewhere the default env:// rendezvous; several nodes: a warning naming the fix."""
+    import datetime
+    import torch.distributed as dist
+    from lrmt_fast.distributed import _restart_safe_store
+    port = _free_port()
+    server = dist.TCPStore("127.0.0.1", port, 1, True, datetime.timedelta(seconds=10), wait_for_workers=False)
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK="0",
+                     TORCHELASTIC_RESTART_COUNT="1", GROUP_WORLD_SIZE="1").items():
+        monkeypatch.setenv(k, v)
+    timeout = datetime.timedelta(seconds=10)
+    for use, restarts in (("False", "3"), ("True", "0")):     # no shared store, or no restarts
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", use)
+        monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", restarts)
+        assert _restart_safe_store(timeout) is None
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    store = _restart_safe_store(timeout)
+    store.set("addr", "x")
+    assert server.get("lrmt/attempt_1/addr") == b"x" and not server.check(["addr"])
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    assert not _restart_safe_store(timeout).check(["addr"])   # the next attempt does not see it
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    assert _restart_safe_store(timeout) is None
+    err = capsys.readouterr().err
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in err and err.count("\n") == 1
+    monkeypatch.setenv("RANK", "1")                            # only rank 0 says it
+    assert _restart_safe_store(timeout) is None and capsys.readouterr().err == ""
