@@ -10,7 +10,8 @@
 #
 # Stages, most valuable first (each under its own time limit; the log and every result file so
 # far are copied to $OUT after each stage, so a run cut short still returns them): build; the
-# CUDA kernel tests; lrmt bench; the TF32 check (benchmarks/tf32_check.py); the end-to-end CIFAR
+# CUDA kernel tests; lrmt bench; the TF32 check (benchmarks/tf32_check.py); the meta-test step with
+# and without the gate trace (benchmarks/test_meta_test_step.py); the end-to-end CIFAR
 # meta-training timing; the CUDA end-to-end tests (experiment smoke runs, NCCL).
 #
 # Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default: the
@@ -100,8 +101,12 @@ stage "lrmt bench (CUDA): records, table and roofline (min time $MIN_TIME s, com
 run "${BENCH_LIMIT:-1800}" python -m benchmarks.report --device cuda --min-time "$MIN_TIME" --compile-timeout "$COMPILE_TIMEOUT"
 stage "TF32: the tolerance rule with TF32 GEMMs (benchmarks/tf32_check.py)"
 run 120 python -m benchmarks.tf32_check
+stage "meta-test step of 'ours' on ResNet-32 GN, with and without the gate trace (benchmarks/test_meta_test_step.py)"
+run 300 python -m pytest -q benchmarks/test_meta_test_step.py --benchmark-only -k cuda \
+  --benchmark-json "benchmarks/results/${DEV}_ours_step.json"
 stage "end to end: Exp 1 CIFAR meta-training (ResNet-32 GN, quick settings, synthetic images), fused vs reference"
 run 300 python -m benchmarks.e2e_exp1_cifar_metatrain --device cuda --episodes "${E2E_EPISODES:-3}" --max-steps 20
 stage "CUDA end-to-end tests (experiment smoke runs on the GPU, NCCL)"
-run 300 python -m pytest -q -m cuda tests/test_exp1_cli.py tests/test_cifar_experiments.py tests/test_distributed.py
+run 300 python -m pytest -q -m cuda tests/test_exp1_cli.py tests/test_cifar_experiments.py tests/test_distributed.py \
+  tests/test_gate_trace.py
 finish
