@@ -147,13 +147,7 @@ def main(argv=None) -> int:
     from lrmt_fast.data.cifar import to_task_data
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--profile", default="cpu", help="exp1_cifar.json profile whose Task A is checked (default cpu)")
-    p.add_argument("--config", default=None, metavar="FILE")
-    p.add_argument("--cache-dir", default=E.DEFAULT_CACHE)
-    p.add_argument("--taskA-ckpt", default=None)
-    p.add_argument("--cifar-check", choices=["auto", "md5", "skip"], default="auto")
-    p.add_argument("--no-download", action="store_true")
+    E.add_task_a_arguments(p, "cpu")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the profile's, /3, /10)")
     p.add_argument("--steps", type=int, default=8)

@@ -27,8 +27,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -348,3 +349,19 @@ def metatrain_with_budget(model, stream, mcfg, out_dir: str, resume: bool, budge
     if main:
         log(f"meta-train: {len(hist)} episodes, {sum(h['steps'] for h in hist)} steps")
     return hist
+
+
+def run_diagnostic(prog: str, compute: Callable[[], Any], out: Optional[str] = None) -> int:
+    """The end of a diagnostic command (experiments/drift_check.py, rounding_check.py): run
+    ``compute`` (it prints as it goes), write what it returns to ``out`` as JSON, exit 0; a
+    missing file, a bad config or a corrupt checkpoint is one line on stderr and exit 1."""
+    from lrmt_fast.checkpoint import CheckpointError
+    try:
+        rows = compute()
+    except (FileNotFoundError, ValueError, KeyError, CheckpointError) as e:
+        print(f"{prog}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0

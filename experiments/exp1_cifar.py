@@ -65,6 +65,25 @@ def add_cifar_arguments(p: argparse.ArgumentParser, config: str, default_out: st
                         "use TF32 on Ampere and newer GPUs; matrix products are fp32 either way; docs/cifar.md)")
 
 
+def add_task_a_arguments(p: argparse.ArgumentParser, default_profile: str) -> None:
+    """What a diagnostic command (experiments/cifar_stability_check.py, drift_check.py,
+    rounding_check.py) needs to load an exp1_cifar.json profile's data and Task A network as
+    ``lrmt exp1-cifar`` does: --data-root, --profile, --config, --cache-dir, --taskA-ckpt,
+    --cifar-check, --no-download."""
+    p.add_argument("--data-root", default=None, help="folder with torchvision's dataset layouts (default: $LRMT_DATA)")
+    p.add_argument("--profile", default=default_profile,
+                   help=f"exp1_cifar.json profile (or one of --config) whose data and Task A network are used "
+                        f"(default {default_profile})")
+    p.add_argument("--config", default=None, metavar="FILE", help="another config file with the structure of "
+                                                                   "exp1_cifar.json")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE, metavar="DIR", help="Task A checkpoints (default: %(default)s)")
+    p.add_argument("--taskA-ckpt", default=None, metavar="FILE", help="the Task A checkpoint at FILE instead of the "
+                                                                       "cache's")
+    p.add_argument("--cifar-check", choices=["auto", "md5", "skip"], default="auto",
+                   help="integrity check of the CIFAR files (as lrmt exp1-cifar)")
+    p.add_argument("--no-download", action="store_true", help="never let torchvision download missing data")
+
+
 def apply_precision(args, device: str) -> Dict:
     """The numeric precision of the run (docs/cifar.md, "Precision"): everything is fp32; on a GPU
     cuDNN may use TF32 for convolutions (PyTorch's default) unless ``--no-tf32``. Returns what is

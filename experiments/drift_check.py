@@ -1,0 +1,91 @@
+"""How far do the trunk weights drift from Task A's during an Exp 1 CIFAR meta-test rollout?
+
+Rolls out, for one meta-test seed of an exp1-cifar profile, from exactly the start and over
+exactly the D_B2 batches of that seed's meta-test (:func:`lrmt_fast.evaluate.run_start`), a
+meta-learner at its initialisation (gate 1 everywhere: exactly the "sgd" method,
+tests/test_gate_trace.py) and, with ``--meta``, a trained meta-learner, each with the gate trace
+on (lrmt_fast/gate_trace.py). Every ``--every`` steps it prints ||w_t - w_0|| / ||w_0|| over
+the adapted layers' synapses whose gate is negative and non-negative at that step, and the mean
+Task B training loss of the last ``--every`` steps. docs/cifar.md ("Why the readouts fall past
+the horizon") and experiments/results/exp1_cifar_cpu_finish_avg_budget/ report what it showed:
+SGD drifts 0.17 in 500 steps where the x4 meta-learner drifts 0.76 / 0.50.
+
+    python -m experiments.drift_check --data-root data [--profile cpu_finish_avg_x4_trace]
+        [--seed 0] [--meta runs/x4/cache/meta-*/meta_ckpt.pt] [--every 100] [--out rows.json]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from experiments import common
+from experiments import exp1_cifar as E
+
+DEFAULT_PROFILE = "cpu_finish_avg_x4_trace"
+
+
+def drift_rows(args, profile_cfg: Dict, seed: int = 0, meta_path: Optional[str] = None, every: int = 100,
+               log=print) -> List[Dict]:
+    """One row per learner and reported step: name, seed, step, drift_neg, drift_pos, and
+    train_loss (the mean Task B loss of the steps since the last row)."""
+    from lrmt_fast.baselines import OursLearner
+    from lrmt_fast.data.cifar import even_split, to_task_data
+    from lrmt_fast.data.tasks import TwoTasks
+    from lrmt_fast.evaluate import MetaTestConfig, run_start
+    from lrmt_fast.metatrain import build_meta_learner, load_meta
+    from lrmt_fast.student import param_dict
+
+    cfg = profile_cfg
+    task_a, task_b = E.load_task_a(args, cfg), E.load_task_b(args, cfg)
+    i1, i2 = even_split(task_b.train_x.shape[0], int(cfg["data"].get("split_seed", 0)))
+    tasks = TwoTasks(to_task_data(task_a), to_task_data(task_b), i1, i2)
+    state, _, pcfg = E.task_a_weights(args, cfg, task_a, None, "cpu", False, log)
+    model = E.build_model(pcfg, state, "cpu")
+    w0 = param_dict(model)
+    mtest = common.dataclass_from(MetaTestConfig, cfg["metatest"], "metatest")
+    metas = {"sgd (meta-learner at init)": build_meta_learner(model, cfg["metatrain"]["hidden"],
+                                                               cfg["metatrain"]["hidden_gn"])}
+    if meta_path:
+        metas[f"ours ({meta_path})"] = load_meta(meta_path)
+    rows = []
+    for name, meta in metas.items():
+        start, stream = run_start(w0, *tasks.b2, mtest, seed)
+        learner = OursLearner(model, start, meta, mtest.lr, trace=True)
+        losses = []
+        for t in range(1, mtest.steps + 1):
+            losses.append(learner.step(*stream.next()))
+            if t % every == 0 or t == mtest.steps:
+                tr = learner.trace.to_dict()["groups"]["all"]
+                row = {"name": name, "seed": seed, "step": t, "drift_neg": tr["drift_neg"][-1],
+                       "drift_pos": tr["drift_pos"][-1], "train_loss": sum(losses) / len(losses)}
+                rows.append(row)
+                log(f"{name} seed {seed} step {t}: drift (delta < 0) {row['drift_neg']:.4f}, (delta >= 0) "
+                    f"{row['drift_pos']:.4f}; Task B training loss, mean of the last {len(losses)} steps "
+                    f"{row['train_loss']:.3f}")
+                losses = []
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.drift_check", description=__doc__.split("\n\n")[0])
+    E.add_task_a_arguments(p, DEFAULT_PROFILE)
+    p.add_argument("--seed", type=int, default=0, help="meta-test seed whose start and batches to use (default 0)")
+    p.add_argument("--meta", default=None, metavar="CKPT", help="a trained meta-learner (meta-training checkpoint)")
+    p.add_argument("--every", type=int, default=100, help="report every N steps (default 100)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the rows as JSON to FILE")
+    args = p.parse_args(argv)
+    if args.every < 1:
+        p.error("--every must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return common.run_diagnostic("drift_check", lambda: drift_rows(
+        args, common.resolve_profile(args.config or E.CONFIG, args.profile), args.seed, args.meta, args.every,
+        log=lambda m: print(m, flush=True)), args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
