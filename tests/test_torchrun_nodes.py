@@ -101,16 +101,19 @@ def _logs(out, nodes=2):
 
 
 def _children(pid):
-    """PIDs whose parent is `pid` (the workers an agent started), from /proc."""
+    """PIDs of the `lrmt_fast` processes whose parent is `pid` (the workers an agent started),
+    from /proc."""
     kids = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/stat") as f:
                     stat = f.read()
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"lrmt_fast" in cmd:
                 kids.append(int(d))
     return kids
 
@@ -161,7 +164,7 @@ def _kill_a_worker_and_resume(env, out, procs, episodes, after=20):
         assert ckpt["next_episode"] < episodes - 40, "the run was about to end before the kill"
         workers = _children(procs[-1][0].pid)
         assert workers, "no worker to kill"
-        os.kill(max(workers), 9)
+        os.kill(workers[-1], 9)
     except BaseException:
         for p, _ in procs:
             p.kill()
