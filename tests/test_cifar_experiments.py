@@ -315,18 +315,21 @@ def test_pretrain_cifar_command_with_a_finish_phase(env, tmp_path, capsys):
     assert rc == 1 and "pretrain: the finish phase needs finish_lr > 0" in err and "Traceback" not in err
 
 
-def test_torchrun_two_ranks(env, tmp_path):
-    """`torchrun --nproc_per_node 2 -m lrmt_fast exp1-cifar` (gloo): rank 0 writes the results of a
-    2-rank meta-training; the Task A checkpoint comes from `lrmt pretrain-cifar`."""
+@pytest.mark.parametrize("cmd,pretrain", [("exp1-cifar", "pretrain-cifar"), ("exp2-cifar100", "pretrain-cifar"),
+                                          ("exp3-unseen-init", "pretrain-cifar-pool")])
+def test_torchrun_two_ranks(env, tmp_path, cmd, pretrain):
+    """`torchrun --nproc_per_node 2 -m lrmt_fast <experiment>` (gloo): rank 0 writes the results of
+    a 2-rank meta-training; the Task A checkpoint comes from `lrmt pretrain-cifar` (Exp 3: the
+    pool from `lrmt pretrain-cifar-pool`, loaded by rank 0 and broadcast)."""
     penv = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                 PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = str(tmp_path / "dist")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["pretrain-cifar", "--profile", "smoke", "--cache-dir", env["cache"], "--device", "cpu",
+        assert main([pretrain, "--profile", "smoke", "--cache-dir", env["cache"], "--device", "cpu",
                      "--no-progress"]) == 0
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master-port", str(_free_port()), "-m", "lrmt_fast", "exp1-cifar", "--profile",
+                        "--master-port", str(_free_port()), "-m", "lrmt_fast", cmd, "--profile",
                         "smoke", "--out", out, "--device", "cpu", "--cache-dir", env["cache"], "--no-progress",
                         "--dist-timeout", "60", "--seeds", "1"],
                        cwd=ROOT, env=penv, capture_output=True, text=True, timeout=300)
