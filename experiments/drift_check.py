@@ -27,25 +27,29 @@ from experiments import exp1_cifar as E
 DEFAULT_PROFILE = "cpu_finish_avg_x4_trace"
 
 
+def meta_test_setup(args, profile_cfg: Dict, log=print):
+    """(Task A network on the CPU, TwoTasks, MetaTestConfig) of an exp1-cifar profile, as its
+    meta-test has them."""
+    from lrmt_fast.evaluate import MetaTestConfig
+    task_a = E.load_task_a(args, profile_cfg)
+    tasks = E.two_tasks(args, profile_cfg, task_a, E.load_task_b(args, profile_cfg))
+    state, _, pcfg = E.task_a_weights(args, profile_cfg, task_a, None, "cpu", False, log)
+    mtest = common.dataclass_from(MetaTestConfig, profile_cfg["metatest"], "metatest")
+    return E.build_model(pcfg, state, "cpu"), tasks, mtest
+
+
 def drift_rows(args, profile_cfg: Dict, seed: int = 0, meta_path: Optional[str] = None, every: int = 100,
                log=print) -> List[Dict]:
     """One row per learner and reported step: name, seed, step, drift_neg, drift_pos, and
     train_loss (the mean Task B loss of the steps since the last row)."""
     from lrmt_fast.baselines import OursLearner
-    from lrmt_fast.data.cifar import even_split, to_task_data
-    from lrmt_fast.data.tasks import TwoTasks
-    from lrmt_fast.evaluate import MetaTestConfig, run_start
+    from lrmt_fast.evaluate import run_start
     from lrmt_fast.metatrain import build_meta_learner, load_meta
     from lrmt_fast.student import param_dict
 
     cfg = profile_cfg
-    task_a, task_b = E.load_task_a(args, cfg), E.load_task_b(args, cfg)
-    i1, i2 = even_split(task_b.train_x.shape[0], int(cfg["data"].get("split_seed", 0)))
-    tasks = TwoTasks(to_task_data(task_a), to_task_data(task_b), i1, i2)
-    state, _, pcfg = E.task_a_weights(args, cfg, task_a, None, "cpu", False, log)
-    model = E.build_model(pcfg, state, "cpu")
+    model, tasks, mtest = meta_test_setup(args, cfg, log)
     w0 = param_dict(model)
-    mtest = common.dataclass_from(MetaTestConfig, cfg["metatest"], "metatest")
     metas = {"sgd (meta-learner at init)": build_meta_learner(model, cfg["metatrain"]["hidden"],
                                                                cfg["metatrain"]["hidden_gn"])}
     if meta_path:

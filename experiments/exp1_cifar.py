@@ -133,6 +133,16 @@ def load_task_b(args, cfg: Dict):
     return _subset(cifar5b(source(args)), d.get("max_train"), d.get("max_test"), int(d.get("split_seed", 0)) + 7)
 
 
+def two_tasks(args, cfg: Dict, task_a, task_b):
+    """Task A and Task B with Task B's training set split evenly into D_B1 / D_B2 by the profile's
+    ``data.split_seed`` (the split of :func:`lrmt_fast.data.cifar.split_b`): what the meta-test
+    runs on."""
+    from lrmt_fast.data.cifar import even_split, to_task_data
+    from lrmt_fast.data.tasks import TwoTasks
+    i1, i2 = even_split(task_b.train_x.shape[0], int(cfg.get("data", {}).get("split_seed", 0)))
+    return TwoTasks(to_task_data(task_a), to_task_data(task_b), i1, i2, source=f"cifar:{source(args).root or ''}")
+
+
 def b1_stream(cfg: Dict, task_a, b1, w0: Dict[str, torch.Tensor], device: str):
     """Exp 1's meta-training episodes: Task A's training set and D_B1 from the start checkpoint
     ``w0``, with the profile's teacher batch sizes."""
@@ -388,8 +398,8 @@ def setup(args, config_path: str, default_out: str):
 
 # --------------------------------------------------------------------------- Exp 1
 def run(args: argparse.Namespace) -> int:
-    from lrmt_fast.data.cifar import even_split, split_b, to_task_data
-    from lrmt_fast.data.tasks import TwoTasks, fingerprint
+    from lrmt_fast.data.cifar import split_b
+    from lrmt_fast.data.tasks import fingerprint
     from lrmt_fast.distributed import shutdown
     from lrmt_fast.evaluate import MetaTestConfig
     from lrmt_fast.readout import ReadoutConfig
@@ -423,8 +433,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(sync, "rank", 0) != 0:
         return 0
     t0 = time.time()
-    i1, i2 = even_split(task_b.train_x.shape[0], split_seed)
-    tasks = TwoTasks(to_task_data(task_a), to_task_data(task_b), i1, i2, source=f"cifar:{source(args).root or ''}")
+    tasks = two_tasks(args, cfg, task_a, task_b)
     _write_json(os.path.join(out, "config.json"), {**cfg, "seeds": seeds, "device": device, "impl": args.impl,
                                                    "world_size": getattr(sync, "world_size", 1),
                                                    "data_info": tasks.describe()})

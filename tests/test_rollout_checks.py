@@ -45,21 +45,14 @@ def _sgd_drift(tiny, steps):
     """||w_t - w_0|| / ||w_0|| over the adapted synapses after `steps` plain SGD steps of the
     "sgd" baseline from meta-test seed 0's start over its batches: computed without the trace."""
     from argparse import Namespace
+    from experiments.drift_check import meta_test_setup
     from lrmt_fast.baselines import MethodContext, make_learner
-    from lrmt_fast.data.cifar import even_split, to_task_data
-    from lrmt_fast.data.tasks import TwoTasks
-    from lrmt_fast.evaluate import MetaTestConfig, run_start
+    from lrmt_fast.evaluate import run_start
     from lrmt_fast.meta_learner import find_adapted_layers, pack_rows
     from lrmt_fast.student import param_dict
     args = Namespace(data_root=tiny["data"], cifar_check="auto", no_download=True, cache_dir=tiny["cache"],
                      taskA_ckpt=None)
-    cfg = common.resolve_profile(E.CONFIG, "smoke")
-    task_a, task_b = E.load_task_a(args, cfg), E.load_task_b(args, cfg)
-    i1, i2 = even_split(task_b.train_x.shape[0], int(cfg["data"].get("split_seed", 0)))
-    tasks = TwoTasks(to_task_data(task_a), to_task_data(task_b), i1, i2)
-    state, _, pcfg = E.task_a_weights(args, cfg, task_a, None, "cpu", False, lambda m: None)
-    model = E.build_model(pcfg, state, "cpu")
-    mtest = common.dataclass_from(MetaTestConfig, cfg["metatest"], "metatest")
+    model, tasks, mtest = meta_test_setup(args, common.resolve_profile(E.CONFIG, "smoke"), lambda m: None)
     start, stream = run_start(param_dict(model), *tasks.b2, mtest, 0)
     learner = make_learner({"kind": "sgd"}, MethodContext(model, param_dict(model), mtest.lr), dict(start))
     for _ in range(steps):
