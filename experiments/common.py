@@ -305,25 +305,25 @@ def metatrain_with_budget(model, stream, mcfg, out_dir: str, resume: bool, budge
     """
     from lrmt_fast.checkpoint import load_checkpoint
     from lrmt_fast.distributed import DistSync, broadcast_object
-    from lrmt_fast.metatrain import CKPT_NAME, metatrain
+    from lrmt_fast.metatrain import CKPT_NAME, metatrain, resume_message
 
     main = getattr(sync, "rank", 0) == 0
     out = out_dir if main else None           # other ranks receive rank 0's state (sync_start)
     cap = budget.get("max_total_steps")
-    ckpt = os.path.join(out_dir, CKPT_NAME)
-    hist: List[Dict] = []
-    if main and resume and os.path.exists(ckpt):
-        ck = load_checkpoint(ckpt, ("history", "next_episode"), "meta-training checkpoint")
-        hist = list(ck["history"])
-        log(f"meta-train: resuming from {ckpt} at episode {int(ck['next_episode'])} of {mcfg.episodes}")
-        del ck
     if not cap:
         _, hist = metatrain(model, stream, mcfg, out_dir=out, resume=resume and main, progress=progress and main,
-                            sync=sync)
+                            sync=sync, log=log)
         return hist
     chunk = int(budget.get("chunk_episodes", 10))
-    if main and not resume and os.path.exists(ckpt):
-        os.remove(ckpt)
+    ckpt = os.path.join(out_dir, CKPT_NAME)
+    hist: List[Dict] = []
+    if main and os.path.exists(ckpt):
+        if resume:       # the chunks below resume silently, each from the one before
+            ck = load_checkpoint(ckpt, ("history", "next_episode"), "meta-training checkpoint")
+            hist = list(ck["history"])
+            log(resume_message(ckpt, int(ck["next_episode"]), mcfg.episodes))
+        else:
+            os.remove(ckpt)
     hist = broadcast_object(sync, hist)
     bar, lines = None, progress and main and isinstance(sync, DistSync)
     if progress and main and not lines:

@@ -269,14 +269,20 @@ def load_meta(path: str, device="cpu") -> MetaLearner:
     return meta.to(device)
 
 
+def resume_message(ckpt: str, episode: int, episodes: int) -> str:
+    """The line a resumed meta-training logs (tests and users look for it)."""
+    return f"meta-train: resuming from {ckpt} at episode {episode} of {episodes}"
+
+
 def metatrain(model: nn.Module, stream: TaskStream, cfg: MetaTrainConfig, out_dir: Optional[str] = None,
               resume: bool = False, progress: bool = True, sync=None,
-              on_episode: Optional[Callable[[Dict], None]] = None):
+              on_episode: Optional[Callable[[Dict], None]] = None, log: Optional[Callable[[str], None]] = None):
     """Algorithm 1. Returns (meta-learner, history: one dict per episode).
 
     With ``out_dir``, a checkpoint ``out_dir/meta_ckpt.pt`` is written every
     ``cfg.checkpoint_every`` episodes and at the end (rank 0 only); ``resume``
-    continues from it. ``sync`` supplies the collectives of distributed training.
+    continues from it (and says so through ``log``, if given). ``sync`` supplies the
+    collectives of distributed training.
     """
     sync = sync or LocalSync()
     model = model.to(cfg.device)
@@ -295,6 +301,8 @@ def metatrain(model: nn.Module, stream: TaskStream, cfg: MetaTrainConfig, out_di
         meta.load_state_dict(ck["meta_state"])
         opt.load_state_dict(ck["opt_state"])
         start, history = int(ck["next_episode"]), list(ck["history"])
+        if log:
+            log(resume_message(ckpt, start, cfg.episodes))
     if hasattr(sync, "sync_start"):     # distributed: every rank starts from rank 0's state
         start, history = sync.sync_start(meta, opt, start, history)
     bar = None

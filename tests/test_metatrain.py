@@ -124,8 +124,10 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
     with pytest.raises(_Crash):
         metatrain(model, _stream(model), cfg, out_dir=str(tmp_path / "b"), progress=False, on_episode=crash)
     # the checkpoint written after episode 0 survives; resume continues from there
+    said = []
     resumed, hist_res = metatrain(model, _stream(model), cfg, out_dir=str(tmp_path / "b"), resume=True,
-                                  progress=False)
+                                  progress=False, log=said.append)
+    assert said == [f"meta-train: resuming from {tmp_path / 'b' / 'meta_ckpt.pt'} at episode 1 of 4"]
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     assert [h["steps"] for h in hist_full] == [h["steps"] for h in hist_res]
@@ -186,11 +188,13 @@ def test_step_budget_stops_at_chunk_boundary_and_extends_from_a_seeded_checkpoin
     from experiments.common import metatrain_with_budget
     from lrmt_fast.metatrain import LocalSync
 
+    said = []
+
     def run(out, cap, resume=False):
         budget = {"max_total_steps": cap, "chunk_episodes": 1}
         os.makedirs(out, exist_ok=True)
         return metatrain_with_budget(model, _stream(model), cfg, str(out), resume, budget, progress=True,
-                                     log=lambda *_: None, sync=None if runner == "no sync" else LocalSync())
+                                     log=said.append, sync=None if runner == "no sync" else LocalSync())
 
     model = TinyNet()
     cfg = _cfg(episodes=5)                           # no restarts: every episode is 6 steps
@@ -201,8 +205,12 @@ def test_step_budget_stops_at_chunk_boundary_and_extends_from_a_seeded_checkpoin
     assert len(straight) == 4
     os.makedirs(tmp_path / "seeded")
     shutil.copy(tmp_path / "small" / "meta_ckpt.pt", tmp_path / "seeded" / "meta_ckpt.pt")
+    said.clear()
     seeded = run(tmp_path / "seeded", 19, resume=True)
     assert seeded == straight
+    # said once, at the start; the chunks after it resume without a word
+    assert [m for m in said if "resuming" in m] == \
+        [f"meta-train: resuming from {tmp_path / 'seeded' / 'meta_ckpt.pt'} at episode 2 of 5"]
     a, b = (load_meta(str(tmp_path / d / "meta_ckpt.pt")) for d in ("straight", "seeded"))
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), k
