@@ -7,12 +7,14 @@ images: the student's forward and backward, the fused meta-update in place, and 
 ``trace`` the per-step statistics of lrmt_fast/gate_trace.py (kept on the device). Both
 variants run in the same session from the same seed (group ``ours_step-<device>``), so their
 ratio is the trace's overhead; ``extra_info`` holds the peak memory of one warm step above
-what is held before it (for the trace: the statistics it adds, and its copy of w_0).
+what is held before it (:func:`benchmarks.measure.peak_memory`, as the op's cases).
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from benchmarks.measure import device_name, git_commit, now
+from benchmarks.measure import device_name, git_commit, now, peak_memory
 from lrmt_fast import ops
 from lrmt_fast.baselines import OursLearner
 from lrmt_fast.metatrain import build_meta_learner
@@ -42,18 +44,6 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _peak_bytes(device, fn):
-    """Peak bytes allocated during one warm call, above the level before it (CUDA), or None."""
-    if not device.startswith("cuda"):
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return int(torch.cuda.max_memory_allocated() - base)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("trace", [False, True], ids=["plain", "trace"])
 def test_ours_meta_test_step(benchmark, device, trace):
@@ -61,13 +51,10 @@ def test_ours_meta_test_step(benchmark, device, trace):
         pytest.skip(f"fused extension unavailable on {device}")
     learner, x, y = _learner(device, trace)
     step = lambda: (learner.step(x, y), _sync(device))
-    step()                                                   # warm: workspaces, allocator
+    mem = peak_memory(SimpleNamespace(fn=step, sync=lambda: _sync(device), device=device))   # also warms up
     benchmark.group = f"ours_step-{device}"
     benchmark.extra_info.update({"device": device_name(device), "trace": trace, "batch": BATCH,
-                                 "num_threads": torch.get_num_threads(), "commit": git_commit(), "date": now(),
-                                 "peak_mem_bytes": _peak_bytes(device, step),
-                                 "peak_mem_method": ("torch.cuda.max_memory_allocated - allocated before the step"
-                                                     if device.startswith("cuda") else "not measured on the CPU")})
+                                 "num_threads": torch.get_num_threads(), "commit": git_commit(), "date": now(), **mem})
     benchmark.pedantic(step, rounds=5 if device == "cpu" else 30, iterations=1, warmup_rounds=1)
     if trace:                                                # the trace recorded every step it was asked to
         assert len(learner.trace.to_dict()["groups"]["all"]["descent_ratio"]) == learner.steps_done
