@@ -14,6 +14,8 @@ from lrmt_fast.cli import main
 from lrmt_fast.data import cifar
 from lrmt_fast.results import REQUIRED_METHODS, load_results
 
+from ports import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -25,16 +27,11 @@ def env(tmp_path_factory):
     cifar.write_tiny_cifar(data, n_train_per_class=6, n_test_per_class=2, seed=3)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)            # tiny tensors: threads only contend on a shared CPU
-    old_env = {k: os.environ.get(k) for k in ("LRMT_NO_DOWNLOAD", "LRMT_DATA")}
-    os.environ["LRMT_NO_DOWNLOAD"] = "1"
-    os.environ["LRMT_DATA"] = data
-    yield {"data": data, "base": str(base), "cache": str(base / "cache")}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LRMT_NO_DOWNLOAD", "1")
+        mp.setenv("LRMT_DATA", data)
+        yield {"data": data, "base": str(base), "cache": str(base / "cache")}
     torch.set_num_threads(old_threads)
-    for k, v in old_env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
     cifar.clear_cache()
 
 
@@ -329,7 +326,7 @@ def test_torchrun_two_ranks(env, tmp_path, cmd, pretrain):
         assert main([pretrain, "--profile", "smoke", "--cache-dir", env["cache"], "--device", "cpu",
                      "--no-progress"]) == 0
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master-port", str(_free_port()), "-m", "lrmt_fast", cmd, "--profile",
+                        "--master-port", str(free_port()), "-m", "lrmt_fast", cmd, "--profile",
                         "smoke", "--out", out, "--device", "cpu", "--cache-dir", env["cache"], "--no-progress",
                         "--dist-timeout", "60", "--seeds", "1"],
                        cwd=ROOT, env=penv, capture_output=True, text=True, timeout=300)
@@ -338,13 +335,6 @@ def test_torchrun_two_ranks(env, tmp_path, cmd, pretrain):
     assert res["world_size"] == 2 and res["metatrain_summary"]["episodes"] == res["config"]["metatrain"]["episodes"]
     assert res["delta_summary"]["all"]["n"] > 0 and os.path.exists(os.path.join(out, "fig6_curriculum.png"))
     assert r.stdout.count("wrote ") == 1            # only rank 0 writes results
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mnist_smoke_config(path):

@@ -1,7 +1,6 @@
 """Distributed meta-training (gloo, 2 processes on the CPU): lockstep, equivalence with one
 process that averages the two ranks' gradients, the collective OR, and kill + resume."""
 import os
-import socket
 import traceback
 
 import pytest
@@ -13,6 +12,7 @@ from lrmt_fast.metatrain import (MetaTrainConfig, TensorTaskStream, _episode_gen
                                  meta_loss, metatrain, schedule, student_meta_update, teacher_sgd_step)
 from lrmt_fast.student import param_dict
 
+from ports import free_port
 from tinynet import TinyNet, tiny_data
 
 WORLD = 2
@@ -99,18 +99,12 @@ def _worker(rank, port, out_dir, result_dir, crash_at, resume, cap=None):
     torch.save(res, os.path.join(result_dir, f"rank{rank}.pt"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp, out_dir, crash_at=None, resume=False, cap=None):
     """Start WORLD processes (spawn), wait, and return (exit codes, per-rank results)."""
     res_dir = os.path.join(tmp, f"res_{crash_at}_{resume}_{cap}")
     os.makedirs(res_dir, exist_ok=True)
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, out_dir, res_dir, crash_at, resume, cap)) for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -288,7 +282,7 @@ def _one_rank_worker(backend, device, port, result_dir):
 def test_one_rank_group_on_each_backend(backend, device, tmp_path):
     """DistSync over NCCL on the GPU (one GPU here, so one rank) and over gloo on the CPU."""
     ctx = mp.get_context("spawn")
-    p = ctx.Process(target=_one_rank_worker, args=(backend, device, _free_port(), str(tmp_path)))
+    p = ctx.Process(target=_one_rank_worker, args=(backend, device, free_port(), str(tmp_path)))
     p.start()
     p.join(240)
     if p.is_alive():
@@ -309,7 +303,7 @@ def test_restart_safe_store_choice(monkeypatch, capsys):
     import datetime
     import torch.distributed as dist
     from lrmt_fast.distributed import _restart_safe_store
-    port = _free_port()
+    port = free_port()
     server = dist.TCPStore("127.0.0.1", port, 1, True, datetime.timedelta(seconds=10), wait_for_workers=False)
     for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK="0",
                      TORCHELASTIC_RESTART_COUNT="1", GROUP_WORLD_SIZE="1").items():

@@ -8,7 +8,6 @@ import glob
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,10 @@ from lrmt_fast.cli import main
 from lrmt_fast.data import cifar
 from lrmt_fast.results import REQUIRED_METHODS, load_results
 
+from ports import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +33,14 @@ def env(tmp_path_factory):
     cifar.write_tiny_cifar(data, n_train_per_class=6, n_test_per_class=2, seed=3)
     penv = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", LRMT_NO_DOWNLOAD="1", LRMT_DATA=data,
                 PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    old = {k: os.environ.get(k) for k in ("LRMT_NO_DOWNLOAD", "LRMT_DATA")}
-    os.environ.update(LRMT_NO_DOWNLOAD="1", LRMT_DATA=data)
-    with warnings.catch_warnings():       # the Task A checkpoint, made once, as `lrmt pretrain-cifar`
-        warnings.simplefilter("ignore")
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        mp.setenv("LRMT_NO_DOWNLOAD", "1")
+        mp.setenv("LRMT_DATA", data)
+        warnings.simplefilter("ignore")   # the Task A checkpoint, made once, as `lrmt pretrain-cifar`
         assert main(["pretrain-cifar", "--profile", "smoke", "--cache-dir", cache, "--device", "cpu",
                      "--no-progress"]) == 0
-    yield {"base": base, "cache": cache, "penv": penv}
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
     cifar.clear_cache()
+    yield {"base": base, "cache": cache, "penv": penv}
 
 
 def _config(env, episodes):
@@ -131,7 +121,7 @@ def _check_results(out, episodes, logs):
 def test_two_nodes_static_rendezvous(env):
     """`--node-rank 0/1 --master-addr --master-port`: rank 0 is on node 0, which writes the results."""
     out = str(env["base"] / "static")
-    port = _free_port()
+    port = free_port()
     procs = _agents(env, out, lambda node: ["--node-rank", str(node), "--master-addr", "127.0.0.1",
                                             "--master-port", str(port)], _config(env, 6))
     rcs = _wait(procs)
@@ -189,7 +179,7 @@ def test_one_node_max_restarts_worker_killed_restarts_and_resumes(env):
     without it they could read the dead worker's address from the agent's store and fail to
     join, pytorch/pytorch#135712) and resume."""
     out = str(env["base"] / "one_node")
-    port = _free_port()
+    port = free_port()
     procs = _agents(env, out, lambda node: ["--master-addr", "127.0.0.1", "--master-port", str(port)],
                     _config(env, 120), nodes=1, nproc=2, extra=("--max-restarts", "2"))
     _kill_a_worker_and_resume(env, out, procs, 120)
@@ -201,7 +191,7 @@ def test_two_nodes_c10d_worker_killed_restarts_and_resumes(env):
     shared with the workers (`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`, as docs/distributed.md
     says): node 1's worker killed mid-run; both agents restart their workers, which resume."""
     out = str(env["base"] / "c10d")
-    port = _free_port()
+    port = free_port()
     procs = _agents(env, out, lambda node: ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
                                             "--rdzv-id", "nodes-test"],
                     _config(env, 120), extra=("--max-restarts", "3"),
