@@ -71,12 +71,12 @@ def task_a_loss(model, params: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tenso
 
 def teacher_run(model, w0: Dict[str, Tensor], a_batches, b_batches, probe, lr: float, seed: int = 0) -> List[float]:
     """Task A's loss on ``probe = (x, y)`` after each teacher step on the paired batches."""
-    from lrmt_fast.metatrain import teacher_sgd_step
+    from lrmt_fast.steps import teacher_sgd_step
     from lrmt_fast.pretrain import fresh_head_b
     p = fresh_head_b(w0, torch.Generator().manual_seed(1000 + seed))
     out = []
     for (xa, ya), (xb, yb) in zip(a_batches, b_batches):
-        p = teacher_sgd_step(model, p, xa, ya, xb, yb, lr)
+        p, _ = teacher_sgd_step(model, p, xa, ya, xb, yb, lr)
         with torch.no_grad():
             out.append(float(task_a_loss(model, p, *probe)))
     return out

@@ -238,7 +238,7 @@ def run_two_task_pipeline(cfg: Dict, tasks, out_dir: str, seeds: List[int], devi
     t0 = time.time()
     if needs_meta:
         mkey = _key({"taskA": ainfo["key"], "data": tasks.fingerprint(),
-                     "metatrain": {k: v for k, v in dataclasses.asdict(mcfg).items() if k not in ("device",)},
+                     "metatrain": mcfg.key_dict(),
                      "fresh_head_b": True})
         mdir = os.path.join(cache, f"meta-{mkey}")
         meta_path = os.path.join(mdir, CKPT_NAME)
@@ -289,7 +289,7 @@ class FreshHeadStream(TensorTaskStream):
 
 
 def metatrain_with_budget(model, stream, mcfg, out_dir: str, resume: bool, budget: Dict, progress: bool = True,
-                          log: Callable = print, sync=None) -> List[Dict]:
+                          log: Callable = print, sync=None, on_step=None, on_episode=None) -> List[Dict]:
     """:func:`lrmt_fast.metatrain.metatrain` for up to ``mcfg.episodes`` episodes, stopped early at the
     first chunk boundary where the meta-training steps so far reach ``budget['max_total_steps']``.
 
@@ -312,7 +312,7 @@ def metatrain_with_budget(model, stream, mcfg, out_dir: str, resume: bool, budge
     cap = budget.get("max_total_steps")
     if not cap:
         _, hist = metatrain(model, stream, mcfg, out_dir=out, resume=resume and main, progress=progress and main,
-                            sync=sync, log=log)
+                            sync=sync, log=log, on_step=on_step, on_episode=on_episode)
         return hist
     chunk = int(budget.get("chunk_episodes", 10))
     ckpt = os.path.join(out_dir, CKPT_NAME)
@@ -333,7 +333,8 @@ def metatrain_with_budget(model, stream, mcfg, out_dir: str, resume: bool, budge
     while len(hist) < mcfg.episodes and sum(h["steps"] for h in hist) < cap:
         sub = dataclasses.replace(mcfg, episodes=min(mcfg.episodes, len(hist) + chunk), checkpoint_every=chunk)
         before = sum(h["steps"] for h in hist)
-        _, hist = metatrain(model, stream, sub, out_dir=out, resume=main, progress=False, sync=sync)
+        _, hist = metatrain(model, stream, sub, out_dir=out, resume=main, progress=False, sync=sync, on_step=on_step,
+                            on_episode=on_episode)
         last = hist[-chunk:]
         ep_steps = sum(h["steps"] for h in last) / max(1, len(last))
         if bar is not None:

@@ -30,7 +30,7 @@ import torch
 
 def rollout(model, meta_students: Dict, stream, episode: int, steps: int, mcfg, seed: int) -> Dict[str, List[float]]:
     """One episode: {student: [loss at step 1..steps]} against the same teacher and batches."""
-    from lrmt_fast.metatrain import meta_loss, student_meta_update, teacher_sgd_step
+    from lrmt_fast.steps import meta_loss, student_meta_update, teacher_sgd_step
 
     gen = torch.Generator().manual_seed(seed * 1_000_003 + episode)
     ep = stream.new_episode(episode, gen)
@@ -42,10 +42,10 @@ def rollout(model, meta_students: Dict, stream, episode: int, steps: int, mcfg, 
     for _ in range(steps):
         xa, ya = ep.next_a()
         xb, yb = ep.next_b()
-        teacher = teacher_sgd_step(model, teacher, xa, ya, xb, yb, mcfg.lr)
+        teacher, _ = teacher_sgd_step(model, teacher, xa, ya, xb, yb, mcfg.lr)
         x = torch.cat([xa, xb])
         with torch.no_grad():
-            losses["freeze"].append(float(meta_loss(model, teacher, w0, x, mcfg)))
+            losses["freeze"].append(float(meta_loss(model, teacher, w0, x, mcfg.loss_coef, mcfg.huber_delta)))
         for name, m in meta_students.items():
             params, state = students[name]
             params, state, _, _ = student_meta_update(model, m, params, state, xb, yb, mcfg.lr)
@@ -53,7 +53,7 @@ def rollout(model, meta_students: Dict, stream, episode: int, steps: int, mcfg, 
             state = m.detach_state(state)
             students[name] = (params, state)
             with torch.no_grad():
-                losses[name].append(float(meta_loss(model, teacher, params, x, mcfg)))
+                losses[name].append(float(meta_loss(model, teacher, params, x, mcfg.loss_coef, mcfg.huber_delta)))
     return losses
 
 

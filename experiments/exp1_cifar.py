@@ -252,8 +252,7 @@ def run_metatraining(args, cfg: Dict, model, stream, out_dir: str, key_parts: Di
         mcfg = MetaTrainConfig.from_dict(mt)
     except (TypeError, ValueError) as e:
         raise common.ConfigError(f"metatrain: {e}") from None
-    mkey = meta_key({**key_parts, "metatrain": {k: v for k, v in dataclasses.asdict(mcfg).items()
-                                                 if k not in ("device",)},
+    mkey = meta_key({**key_parts, "metatrain": mcfg.key_dict(),
                      "budget": cfg.get("metatrain_budget", {}), "world_size": getattr(sync, "world_size", 1)})
     mdir = os.path.join(out_dir, "cache", f"meta-{mkey}")
     meta_path = os.path.join(mdir, CKPT_NAME)

@@ -3,7 +3,7 @@
 Rolls "ours" out for ``--steps`` steps on an exp1-cifar profile's Task A network (random
 CIFAR-shaped batches, a fresh head_b, the profile's meta-test lr) three ways that compute the
 same arithmetic in a different order: the meta-test's in-place fused step (OursLearner), and
-the meta-training update (:func:`lrmt_fast.metatrain.student_meta_update`) on the fused and on
+the meta-training update (:func:`lrmt_fast.steps.student_meta_update`) on the fused and on
 the reference path. After each step it prints the largest difference of the LSTM cell states
 and of the weights between them, and the largest |c| (a saturated LSTM unit adds exactly 1 a
 step). experiments/results/exp1_cifar_cpu_finish_avg_budget/README.md ("Rounding
@@ -38,7 +38,7 @@ def rounding_rows(model, meta, lr: float, steps: int, batch: int = 64, seed: int
     """One row per step: the largest cell-state and weight differences, in-place vs fused and
     fused vs reference, and the largest |c| (fused path)."""
     from lrmt_fast.baselines import OursLearner
-    from lrmt_fast.metatrain import student_meta_update
+    from lrmt_fast.steps import student_meta_update
     from lrmt_fast.pretrain import fresh_head_b
     from lrmt_fast.student import param_dict
 

@@ -17,9 +17,11 @@ ewc            CE_B + coef/2 * sum_i F_i (w_i - w*_i)^2 over the trunk, F the
                diagonal Fisher of the Task A model on Task A data (labels
                sampled from the model's own predictions: the true Fisher)
 teacher        multi-task SGD on x_A u x_B (Task A batch from Task A's training
-               data), loss CE_A + CE_B: the teacher of meta-training
+               data), the teacher of meta-training (:mod:`lrmt_fast.steps`): option
+               ``loss`` "union" (default: one cross-entropy over the union batch) or
+               "sum" (CE_A + CE_B, the teacher of this project's runs before 2026-12-07)
 ours           the trained meta-learner on the trunk, SGD on head_b
-               (:func:`lrmt_fast.metatrain.student_meta_update`); option
+               (:func:`lrmt_fast.steps.student_meta_update`); option
                ``reset_every`` K (not in the paper, a diagnostic): the LSTM
                state is reset to zero after every K steps, as at the start of
                a meta-training episode (docs/cifar.md, "past the horizon");
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .steps import TEACHER_LOSSES, student_meta_update, teacher_sgd_step
 from .student import features, logits
 
 Tensor = torch.Tensor
@@ -152,18 +155,19 @@ def ce_b(model):
 
 
 class TeacherLearner(Learner):
-    """Multi-task SGD on x_A u x_B (the meta-training teacher, :func:`metatrain.teacher_sgd_step`)."""
+    """Multi-task SGD on x_A u x_B (the meta-training teacher, :func:`lrmt_fast.steps.teacher_sgd_step`)."""
 
     name = "teacher"
 
-    def __init__(self, model, params, lr, next_a: Callable):
+    def __init__(self, model, params, lr, next_a: Callable, loss: str = "union"):
         super().__init__(params)
-        self.model, self.lr, self.next_a = model, lr, next_a
+        if loss not in TEACHER_LOSSES:
+            raise ValueError(f"method 'teacher': loss must be one of {list(TEACHER_LOSSES)}, got {loss!r}")
+        self.model, self.lr, self.next_a, self.loss = model, lr, next_a, loss
 
     def step(self, xb, yb) -> float:
-        from .metatrain import teacher_sgd_step
         xa, ya = self.next_a()
-        self.params = teacher_sgd_step(self.model, self.params, xa, ya, xb, yb, self.lr)
+        self.params, _ = teacher_sgd_step(self.model, self.params, xa, ya, xb, yb, self.lr, self.loss)
         return float("nan")
 
 
@@ -220,7 +224,6 @@ class OursLearner(Learner):
         per step), SGD on head_b; the same arithmetic as meta-training's update. With
         ``reset_every`` K the state is zeroed (in place) after every K steps; with ``min_gate``
         the gate is floored after the op's update (:meth:`_floor_gate`)."""
-        from .metatrain import student_meta_update
         if self.reset_every and self.steps_done and self.steps_done % self.reset_every == 0:
             for h, c in self.state.values():
                 h.zero_()
@@ -254,6 +257,18 @@ class MethodContext:
             idx = torch.randperm(self.task_a_x.shape[0], generator=g)[: self.fisher_samples]
             self._fisher = fisher_diagonal(self.model, self.w0, self.task_a_x[idx.to(self.task_a_x.device)], gen=g)
         return self._fisher
+
+
+def spec_key(spec: Dict) -> Dict:
+    """A method's spec as it enters run-cache keys: the teacher's default loss written out
+    ("union"), and its "sum" (the default before 2026-12-07) left out, so that cached runs of
+    the old teacher are never taken for the new one and stay recognised as what they are."""
+    spec = dict(spec)
+    if spec.get("kind") == "teacher":
+        loss = spec.pop("loss", "union")
+        if loss != "sum":
+            spec["loss"] = loss
+    return spec
 
 
 def make_learner(spec: Dict, ctx: MethodContext, params: Params, next_a: Optional[Callable] = None) -> Learner:
@@ -294,7 +309,7 @@ def make_learner(spec: Dict, ctx: MethodContext, params: Params, next_a: Optiona
     elif kind == "teacher":
         if next_a is None:
             raise ValueError("the teacher needs Task A batches (next_a)")
-        learner = TeacherLearner(model, params, lr, next_a)
+        learner = TeacherLearner(model, params, lr, next_a, loss=spec.pop("loss", "union"))
     elif kind == "ours":
         if ctx.meta is None:
             raise ValueError("method 'ours' needs a trained meta-learner")

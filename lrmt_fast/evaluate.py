@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .baselines import MethodContext, make_learner
+from .baselines import MethodContext, make_learner, spec_key
 from .data.tasks import BatchStream, TwoTasks
 from .pretrain import fresh_head_b
 from .readout import Readout
@@ -116,7 +116,7 @@ def run_meta_test(model: nn.Module, w0: Dict[str, Tensor], tasks: TwoTasks, read
     todo = []
     for name, spec in methods.items():
         for s in seeds:
-            parts = dict(base, method=spec, seed=int(s))
+            parts = dict(base, method=spec_key(spec), seed=int(s))
             if spec.get("kind") == "ours":
                 if meta is None:
                     raise ValueError("method 'ours' needs a trained meta-learner")

@@ -3,7 +3,9 @@
 Every episode the teacher and the student start from the same Task A checkpoint
 ``w0`` and the meta-learner's state is reset. Each step:
 
-1. the teacher takes an SGD step on x_A u x_B (loss = CE_A(head_a) + CE_B(head_b));
+1. the teacher takes an SGD step (:mod:`lrmt_fast.steps`; by default the paper's multi-task
+   teacher: one cross-entropy over the union batch x_A u x_B); its CE_A is recorded per step
+   and a rise past 3x its first value in an episode is warned about (the teacher forgets);
 2. the student computes first-order gradients on x_B alone and is updated by the
    meta-learner (trunk) and plain SGD (head_b);
 3. both nets embed x_A u x_B; the meta-loss is
@@ -23,16 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint
-from .meta_learner import MetaLearner, find_adapted_layers
-from .student import features, grads_and_acts
+from .meta_learner import MetaLearner, find_adapted_layers, pack_rows
+from .steps import TeacherConfig, make_teacher, meta_loss, student_meta_update
 
 Tensor = torch.Tensor
 Batch = Tuple[Tensor, Tensor]
@@ -59,9 +61,14 @@ class MetaTrainConfig:
     hidden: int = 32              # H of conv / linear learners
     hidden_gn: int = 32           # H of GroupNorm gamma / beta learners
     checkpoint_every: int = 50    # episodes
+    episodes_per_step: int = 1    # K episodes in lockstep, one Adam step on their mean loss (= K ranks)
     seed: int = 0
     impl: Optional[str] = None    # None/'auto' | 'reference' | 'fused'
     device: str = "cpu"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)   # lrmt_fast.steps
+
+    def __post_init__(self):
+        self.teacher = TeacherConfig.from_value(self.teacher)
 
     @classmethod
     def from_dict(cls, d: dict) -> "MetaTrainConfig":
@@ -70,6 +77,18 @@ class MetaTrainConfig:
         if unknown:
             raise ValueError(f"unknown meta-training option(s) {unknown}")
         return cls(**d)
+
+    def key_dict(self) -> dict:
+        """The options that decide what meta-training computes (for cache keys): all but the
+        device; the teacher as :meth:`TeacherConfig.key` (left out for the teacher of the runs
+        made before the option existed, so that their caches stay recognised)."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "teacher")}
+        if self.episodes_per_step == 1:     # the runs before the option existed
+            del d["episodes_per_step"]
+        tk = self.teacher.key()
+        if tk is not None:
+            d["teacher"] = tk
+        return d
 
 
 def schedule(cfg: MetaTrainConfig, episode: int) -> Tuple[float, int]:
@@ -131,69 +150,6 @@ def build_meta_learner(model: nn.Module, hidden: int = 32, hidden_gn: int = 32) 
     return MetaLearner(find_adapted_layers(model, hidden=hidden, hidden_gn=hidden_gn))
 
 
-def adapted_modules(meta: MetaLearner) -> List[str]:
-    return sorted({l.module for l in meta.layers})
-
-
-def teacher_sgd_step(model: nn.Module, params: Dict[str, Tensor], xa, ya, xb, yb, lr: float):
-    """One multi-task SGD step on x_A u x_B: loss = CE(head_a, A) + CE(head_b, B). Returns new params."""
-    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    z = features(model, leaves, torch.cat([xa, xb]))
-    za, zb = z[: xa.shape[0]], z[xa.shape[0]:]
-    loss = F.cross_entropy(_head(model, leaves, "a", za), ya) + \
-        F.cross_entropy(_head(model, leaves, "b", zb), yb)
-    names = list(leaves)
-    gs = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
-    return {k: (leaves[k] - lr * g).detach() if g is not None else leaves[k].detach()
-            for k, g in zip(names, gs)}
-
-
-def _head(model: nn.Module, params: Dict[str, Tensor], head: str, z: Tensor) -> Tensor:
-    pre = f"head_{head}."
-    return F.linear(z, params[pre + "weight"], params.get(pre + "bias"))
-
-
-def student_meta_update(model: nn.Module, meta: MetaLearner, params: Dict[str, Tensor], state,
-                        xb: Tensor, yb: Tensor, lr: float, impl: Optional[str] = None,
-                        train: bool = False, in_place: bool = False, observe=None):
-    """One student step on Task B: meta-learner on the adapted trunk layers, SGD on head_b.
-
-    ``train=True`` keeps the graph to theta (and snapshots theta so that it may be
-    updated in place by the optimiser while older steps' graphs are retained).
-    ``in_place=True`` (meta-test) writes the new weights and LSTM state into ``params`` and
-    ``state`` without a graph (:meth:`MetaLearner.step_`) and returns those same dicts.
-    ``observe(meta, deltas, grads, state, params)``, if given, is called after the meta-learner's
-    update with its new state and weights (e.g. :meth:`lrmt_fast.gate_trace.GateTrace.record`).
-    Returns (new_params, new_state, deltas, task-B loss).
-    """
-    loss, grads, acts = grads_and_acts(model, params, xb, yb, "b", adapted_modules(meta))
-    if in_place:
-        with torch.no_grad():
-            deltas = meta.step_(params, grads, acts, state, lr, impl=impl)
-            if observe is not None:
-                observe(meta, deltas, grads, state, params)
-            for k, v in params.items():
-                if k.startswith("head_b."):
-                    v.sub_(grads[k], alpha=lr)
-        return params, state, deltas, loss
-    new_adapted, new_state, deltas = meta.step(params, grads, acts, state, lr, impl=impl, snapshot=train)
-    if observe is not None:
-        observe(meta, deltas, grads, new_state, new_adapted)
-    new_params = dict(params)
-    new_params.update(new_adapted)
-    for k in params:
-        if k.startswith("head_b."):
-            new_params[k] = params[k] - lr * grads[k]
-    return new_params, new_state, deltas, loss
-
-
-def meta_loss(model, teacher, student, x, cfg: MetaTrainConfig) -> Tensor:
-    with torch.no_grad():
-        ht = features(model, teacher, x)
-    hs = features(model, student, x)
-    return cfg.loss_coef * F.huber_loss(hs, ht, delta=cfg.huber_delta)
-
-
 # --------------------------------------------------------------------------- sync
 class LocalSync:
     """Single-process stand-in for the collective operations of distributed training
@@ -211,41 +167,107 @@ class LocalSync:
 
 
 # --------------------------------------------------------------------------- loop
-def run_episode(model, meta, opt, episode: Episode, cfg: MetaTrainConfig, threshold: float,
-                bptt: int, sync=None) -> Dict:
-    """Meta-train on one episode; returns {steps, mean_loss, last_loss, restarted}."""
+CE_A_RISE = 3.0    # the teacher's CE_A above this multiple of its first value in an episode: warn
+
+
+class TeacherStabilityWarning(RuntimeWarning):
+    """The multi-task teacher's Task A loss rose within an episode: it is forgetting Task A."""
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: float,
+                bptt: int, sync=None, teacher_rule=None, on_step=None) -> Dict:
+    """Meta-train on one episode, or on K episodes at once (``episode`` a list: K students,
+    teachers and LSTM states, in lockstep). Each inner step takes one Adam step on the mean of
+    the K meta-losses (the gradient of the mean = the mean of K data-parallel ranks' gradients);
+    the episodes end together when any one's loss exceeds ``threshold`` (as ranks do under
+    :class:`lrmt_fast.distributed.DistSync`).
+
+    Returns {steps, mean_loss, last_loss, restarted} (losses: the mean over the K episodes)
+    and, for the multi-task teacher, ``teacher_ce_a`` (its CE_A on its Task A batch per step,
+    the mean over the K) and ``teacher_ce_a_rise`` (the largest over the first).
+    ``on_step(step, loss, gates)``, if given, sees every inner step (1-based step, the mean
+    meta-loss, one {layer key: (detached gate, the gradient it gated) [Cout, P]} per episode)."""
     sync = sync or LocalSync()
+    episodes = list(episode) if isinstance(episode, (list, tuple)) else [episode]
+    k_eps = len(episodes)
+    teacher_rule = teacher_rule or make_teacher(cfg.teacher, model, meta)
     dev = cfg.device
-    w0 = {k: v.to(dev) for k, v in episode.w0.items()}
     pnames = [k for k, _ in model.named_parameters()]
-    teacher = {k: w0[k].clone() for k in pnames}
-    student = {k: w0[k].clone() for k in pnames}
-    state = meta.init_state(device=dev)
+    slots = []
+    for ep in episodes:
+        w0 = {k: v.to(dev) for k, v in ep.w0.items()}
+        slots.append({"ep": ep, "teacher": {k: w0[k].clone() for k in pnames},
+                      "student": {k: w0[k].clone() for k in pnames}, "state": meta.init_state(device=dev)})
     s = 0
     total, n, last, broke = 0.0, 0, float("nan"), False
+    ce_a: List[float] = []
     for _t in range(cfg.max_steps):
-        xa, ya = episode.next_a()
-        xb, yb = episode.next_b()
-        teacher = teacher_sgd_step(model, teacher, xa, ya, xb, yb, cfg.lr)
-        student, state, _, _ = student_meta_update(model, meta, student, state, xb, yb, cfg.lr,
-                                                   impl=cfg.impl, train=True)
-        loss = meta_loss(model, teacher, student, torch.cat([xa, xb]), cfg)
+        losses, step_ce, step_deltas = [], [], []
+        for sl in slots:
+            xa, ya = sl["ep"].next_a()
+            xb, yb = sl["ep"].next_b()
+            sl["teacher"], t_ce_a = teacher_rule.step(sl["teacher"], xa, ya, xb, yb, cfg.lr)
+            if t_ce_a is not None:
+                step_ce.append(t_ce_a)
+            seen = {}
+            sl["student"], sl["state"], deltas, _ = student_meta_update(
+                model, meta, sl["student"], sl["state"], xb, yb, cfg.lr, impl=cfg.impl, train=True,
+                observe=None if on_step is None else (lambda _m, _d, g, _s, _p: seen.update(g=g)))
+            losses.append(meta_loss(model, sl["teacher"], sl["student"], torch.cat([xa, xb]), cfg.loss_coef,
+                                    cfg.huber_delta))
+            if on_step is not None:
+                step_deltas.append({lay.key: (deltas[lay.key].detach(), pack_rows(seen["g"], lay))
+                                    for lay in meta.layers})
+        loss = losses[0] if k_eps == 1 else torch.stack(losses).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward(retain_graph=True)
         sync.average_grads(meta)
         opt.step()
         s += 1
-        last = float(loss.detach())
+        each = [float(l.detach()) for l in losses]
+        last = sum(each) / k_eps
+        if step_ce:
+            ce_a.append(_sig(sum(step_ce) / len(step_ce)))
+        if on_step is not None:
+            on_step(n + 1, last, step_deltas)
         total += last
         n += 1
-        if sync.any(not (last <= threshold)):   # NaN counts as over the threshold
+        if sync.any(not all(v <= threshold for v in each)):   # NaN counts as over the threshold
             broke = True
             break
         if s >= bptt:                       # cut the graph: T-BPTT window ends
-            student = {k: v.detach() for k, v in student.items()}
-            state = meta.detach_state(state)
+            for sl in slots:
+                sl["student"] = {k: v.detach() for k, v in sl["student"].items()}
+                sl["state"] = meta.detach_state(sl["state"])
             s = 0
-    return {"steps": n, "mean_loss": total / max(n, 1), "last_loss": last, "restarted": broke}
+    rec = {"steps": n, "mean_loss": total / max(n, 1), "last_loss": last, "restarted": broke}
+    if ce_a:
+        rec["teacher_ce_a"] = ce_a
+        rec["teacher_ce_a_rise"] = _sig(max(ce_a) / max(ce_a[0], 1e-12))
+    return rec
+
+
+def check_teacher(rec: Dict, history: List[Dict], log: Optional[Callable[[str], None]] = None) -> Optional[str]:
+    """The warning for an episode whose teacher CE_A rose past ``CE_A_RISE`` times its first
+    value, once per run: only for the first such episode of ``history`` (resumes included).
+    Returns the message (also warned, and logged through ``log``), or None."""
+    rise = rec.get("teacher_ce_a_rise")
+    if rise is None or not rise > CE_A_RISE:
+        return None
+    if any((h.get("teacher_ce_a_rise") or 0) > CE_A_RISE for h in history if h is not rec):
+        return None
+    ce = rec["teacher_ce_a"]
+    msg = (f"meta-train: the teacher is forgetting Task A: in episode {rec.get('episode')} its CE_A rose "
+           f"from {ce[0]:.3g} to {max(ce):.3g} ({rise:.3g}x, above {CE_A_RISE:g}x); the lr may be past the "
+           f"Task A checkpoint's stability edge (python -m experiments.studies.curriculum_check)")
+    warnings.warn(msg, TeacherStabilityWarning, stacklevel=2)
+    if log:
+        log(msg)
+    return msg
 
 
 def _episode_gen(cfg: MetaTrainConfig, rank: int, episode: int) -> torch.Generator:
@@ -276,7 +298,8 @@ def resume_message(ckpt: str, episode: int, episodes: int) -> str:
 
 def metatrain(model: nn.Module, stream: TaskStream, cfg: MetaTrainConfig, out_dir: Optional[str] = None,
               resume: bool = False, progress: bool = True, sync=None,
-              on_episode: Optional[Callable[[Dict], None]] = None, log: Optional[Callable[[str], None]] = None):
+              on_episode: Optional[Callable[[Dict], None]] = None, log: Optional[Callable[[str], None]] = None,
+              on_step: Optional[Callable[[int, float, List[Dict[str, Tuple[Tensor, Tensor]]]], None]] = None):
     """Algorithm 1. Returns (meta-learner, history: one dict per episode).
 
     With ``out_dir``, a checkpoint ``out_dir/meta_ckpt.pt`` is written every
@@ -309,12 +332,17 @@ def metatrain(model: nn.Module, stream: TaskStream, cfg: MetaTrainConfig, out_di
     if progress and sync.rank == 0:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.episodes, initial=start, desc="meta-train", unit="ep", dynamic_ncols=True)
+    teacher_rule = make_teacher(cfg.teacher, model, meta)
+    k_eps = cfg.episodes_per_step
     for ep_i in range(start, cfg.episodes):
         thr, bptt = schedule(cfg, ep_i)
-        episode = stream.new_episode(ep_i, _episode_gen(cfg, sync.rank, ep_i))
-        rec = run_episode(model, meta, opt, episode, cfg, thr, bptt, sync)
+        # K episodes at once act as K ranks: slot j of rank r draws as rank r * K + j would
+        episodes = [stream.new_episode(ep_i, _episode_gen(cfg, sync.rank * k_eps + j, ep_i)) for j in range(k_eps)]
+        rec = run_episode(model, meta, opt, episodes, cfg, thr, bptt, sync, teacher_rule, on_step)
         rec.update(episode=ep_i, threshold=thr, bptt=bptt)
         history.append(rec)
+        if sync.rank == 0:
+            check_teacher(rec, history, log)
         if on_episode:
             on_episode(rec)
         if bar is not None:

@@ -8,8 +8,8 @@ import torch
 import torch.multiprocessing as mp
 
 from lrmt_fast.distributed import DistributedError, DistSync, init_distributed, shutdown
-from lrmt_fast.metatrain import (MetaTrainConfig, TensorTaskStream, _episode_gen, build_meta_learner,
-                                 meta_loss, metatrain, schedule, student_meta_update, teacher_sgd_step)
+from lrmt_fast.metatrain import MetaTrainConfig, TensorTaskStream, _episode_gen, build_meta_learner, metatrain, schedule
+from lrmt_fast.steps import meta_loss, student_meta_update, teacher_sgd_step
 from lrmt_fast.student import param_dict
 
 from ports import free_port
@@ -143,10 +143,10 @@ def _reference_two_replicas(cfg):
             for e, rp in zip(eps, reps):
                 xa, ya = e.next_a()
                 xb, yb = e.next_b()
-                rp["t"] = teacher_sgd_step(model, rp["t"], xa, ya, xb, yb, cfg.lr)
+                rp["t"], _ = teacher_sgd_step(model, rp["t"], xa, ya, xb, yb, cfg.lr)
                 rp["s"], rp["st"], _, _ = student_meta_update(model, meta, rp["s"], rp["st"], xb, yb, cfg.lr,
                                                               impl=cfg.impl, train=True)
-                losses.append(meta_loss(model, rp["t"], rp["s"], torch.cat([xa, xb]), cfg))
+                losses.append(meta_loss(model, rp["t"], rp["s"], torch.cat([xa, xb]), cfg.loss_coef, cfg.huber_delta))
             opt.zero_grad(set_to_none=True)
             for l in losses:
                 l.backward(retain_graph=True)

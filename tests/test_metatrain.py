@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lrmt_fast.checkpoint import CheckpointError
-from lrmt_fast.metatrain import (MetaTrainConfig, TensorTaskStream, build_meta_learner, load_meta,
-                                 meta_loss, metatrain, schedule, student_meta_update, teacher_sgd_step)
+from lrmt_fast.metatrain import MetaTrainConfig, TensorTaskStream, build_meta_learner, load_meta, metatrain, schedule
+from lrmt_fast.steps import meta_loss, student_meta_update, teacher_sgd_step
 from lrmt_fast.student import grads_and_acts, param_dict
 
 from tinynet import TinyNet, tiny_data
@@ -55,12 +55,12 @@ def test_tbptt_gradient_matches_finite_differences():
     teacher, student = dict(w0), dict(w0)
     state = meta.init_state(dtype=dt)
     for (a, ya_, b, yb_) in batches:
-        teacher = teacher_sgd_step(model, teacher, a, ya_, b, yb_, cfg.lr)
+        teacher, _ = teacher_sgd_step(model, teacher, a, ya_, b, yb_, cfg.lr)
         _, grads, acts = grads_and_acts(model, student, b, yb_, "b", [l.module for l in meta.layers])
         recorded.append((grads, acts))
         student, state, _, _ = student_meta_update(model, meta, student, state, b, yb_, cfg.lr, train=True)
     x_last = torch.cat([batches[-1][0], batches[-1][2]])
-    loss = meta_loss(model, teacher, student, x_last, cfg)
+    loss = meta_loss(model, teacher, student, x_last, cfg.loss_coef, cfg.huber_delta)
     meta.zero_grad()
     loss.backward()
 
@@ -70,7 +70,7 @@ def test_tbptt_gradient_matches_finite_differences():
             new, stt, _ = meta.step(st, grads, acts, stt, cfg.lr, impl="reference")
             st = {**st, **new}
         with torch.no_grad():
-            return float(meta_loss(model, teacher, st, x_last, cfg))
+            return float(meta_loss(model, teacher, st, x_last, cfg.loss_coef, cfg.huber_delta))
 
     checked = 0
     for name, p in meta.named_parameters():
@@ -172,8 +172,8 @@ def test_curriculum_check_rollout_and_episode_end():
     xa, ya = ep.next_a()
     xb, yb = ep.next_b()
     w0 = dict(ep.w0)
-    teacher = teacher_sgd_step(model, w0, xa, ya, xb, yb, cfg.lr)
-    expect = float(meta_loss(model, teacher, w0, torch.cat([xa, xb]), cfg))
+    teacher, _ = teacher_sgd_step(model, w0, xa, ya, xb, yb, cfg.lr)
+    expect = float(meta_loss(model, teacher, w0, torch.cat([xa, xb]), cfg.loss_coef, cfg.huber_delta))
     assert curves["freeze"][0] == pytest.approx(expect, rel=1e-6)
     assert curves["freeze"][0] > 0 and curves["sgd"][0] < curves["freeze"][0]
 

@@ -314,6 +314,9 @@ def test_sgd_explicit_lr_and_momentum(setup64):
 
 
 def test_teacher_trains_on_the_union_of_task_a_and_task_b(setup64):
+    """The teacher's default loss is ONE cross-entropy over the union batch, each example through
+    its own task's head (F.cross_entropy over the concatenated logits); loss "sum" keeps the
+    earlier CE_A + CE_B."""
     model, w0, ctx, (xa, ya, xb, yb) = setup64
     calls = []
 
@@ -321,16 +324,28 @@ def test_teacher_trains_on_the_union_of_task_a_and_task_b(setup64):
         calls.append(1)
         return xa[:16], ya[:16]
 
+    def autograd_step(loss_fn):
+        model.load_state_dict(w0)
+        model.zero_grad()
+        loss_fn().backward()
+        return {k: w0[k] - LR * p.grad for k, p in model.named_parameters()}
+
     teacher = make_learner({"kind": "teacher"}, ctx, w0, next_a=next_a)
     assert isinstance(teacher, TeacherLearner)
     teacher.step(xb[:16], yb[:16])
     assert len(calls) == 1
-    # the same step with nn.Module autograd: loss = CE(head_a on x_A) + CE(head_b on x_B)
-    model.load_state_dict(w0)
-    model.zero_grad()
-    (F.cross_entropy(model(xa[:16], "a"), ya[:16]) + F.cross_entropy(model(xb[:16], "b"), yb[:16])).backward()
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(teacher.params[k], w0[k] - LR * p.grad, rtol=1e-10, atol=1e-13)
+    union = autograd_step(lambda: F.cross_entropy(torch.cat([model(xa[:16], "a"), model(xb[:16], "b")]),
+                                                  torch.cat([ya[:16], yb[:16]])))
+    for k in union:
+        torch.testing.assert_close(teacher.params[k], union[k], rtol=1e-10, atol=1e-13)
+    summed = make_learner({"kind": "teacher", "loss": "sum"}, ctx, w0, next_a=next_a)
+    summed.step(xb[:16], yb[:16])
+    expect = autograd_step(lambda: F.cross_entropy(model(xa[:16], "a"), ya[:16]) +
+                           F.cross_entropy(model(xb[:16], "b"), yb[:16]))
+    for k in expect:
+        torch.testing.assert_close(summed.params[k], expect[k], rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        make_learner({"kind": "teacher", "loss": "mean"}, ctx, w0, next_a=next_a)
     # unlike SGD on Task B, the old head is trained and the trunk sees Task A
     sgd = make_learner({"kind": "sgd"}, ctx, w0)
     sgd.step(xb[:16], yb[:16])
@@ -366,7 +381,8 @@ def test_ours_meta_test_step_is_in_place_and_matches_the_meta_training_update(im
     """The meta-test rollout of ``ours`` updates its weights and LSTM state in place (no graph)
     and gives what the differentiable meta-training update gives, step after step."""
     from lrmt_fast import ops
-    from lrmt_fast.metatrain import build_meta_learner, student_meta_update
+    from lrmt_fast.metatrain import build_meta_learner
+    from lrmt_fast.steps import student_meta_update
 
     if impl == "fused" and not ops.available("cpu"):
         pytest.skip("fused extension not built")
