@@ -23,7 +23,7 @@
 // Where the code lives: checks.h (argument checks), workspace.h (scratch arena), layer.h
 // (one resolved layer), dispatch.h (device dispatch of kernels.h), forward.cpp and
 // backward.cpp (one layer; backward.cpp also the backward operator), network.cpp (drivers
-// and forward operators), net_autograd.cpp (meta_step_net's Autograd-key kernel),
+// and forward operators), autograd.cpp (the Autograd-key kernels of both forward ops),
 // cpu_kernels.cpp / cuda_kernels.cu (the fused kernels), gemm.cpp, cpu_pool.cpp.
 #include <torch/extension.h>
 #include <torch/library.h>
