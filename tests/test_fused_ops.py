@@ -303,7 +303,7 @@ def _net_grads(requires, snapshot=False, bump_theta=False, seed=5):
 
 
 def test_network_op_partial_needs_match_full_backward():
-    """The C++ autograd formula (csrc/net_autograd.cpp) gives each input's gradient whatever
+    """The C++ autograd formula (csrc/autograd.cpp) gives each input's gradient whatever
     else requires grad, and none to inputs that do not."""
     full = _net_grads({"w", "h", "theta"})
     for sub in ({"w"}, {"h"}, {"theta"}, {"w", "theta"}):
