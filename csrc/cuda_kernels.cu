@@ -1,6 +1,6 @@
 // CUDA pointwise / reduction stages of the fused meta-update step (see kernels.h).
 //
-// The GEMMs between these kernels run through ATen (cuBLAS) in meta_step.cpp.
+// The GEMMs between these kernels run through ATen (cuBLAS) in forward.cpp / backward.cpp.
 // Every kernel is launched on the current stream, with no host synchronisation and
 // no allocation, so a whole step can be captured in a CUDA graph once the
 // workspace is warm. Reductions are deterministic (fixed grids, fixed order).

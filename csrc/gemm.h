@@ -17,7 +17,7 @@ namespace lrmt {
 
 // CPU GEMMs go straight to the BLAS (else through at::addmm_out): true when the BLAS was
 // found and not turned off (env LRMT_CPU_BLAS=aten, or set_cpu_blas_direct(false)); the op's
-// other CPU-only shortcuts follow this flag too (meta_step.cpp: cpu_shortcuts)
+// other CPU-only shortcuts follow this flag too (dispatch.h: cpu_shortcuts)
 bool cpu_blas_direct();
 bool cpu_blas_available();
 bool set_cpu_blas_direct(bool on);  // returns the new setting (false if no BLAS was found)

@@ -2,7 +2,7 @@
 //
 // Plain C++ (no ATen) so that the same argument structs are shared by the CPU
 // implementation (cpu_kernels.cpp) and the CUDA one (cuda_kernels.cu). The
-// orchestration (meta_step.cpp) runs the GEMMs through ATen and calls these
+// orchestration (forward.cpp, backward.cpp) runs the GEMMs through ATen and calls these
 // kernels between them. All matrices are row-major and dense unless a stride is
 // given. Notation: rows = Cout (neurons), H = LSTM hidden size, G4 = 4H.
 #pragma once

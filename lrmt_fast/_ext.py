@@ -6,9 +6,9 @@ the operators the extension defines with ``TORCH_LIBRARY`` (``torch.ops.lrmt_fas
 
 - fake (meta) kernels (``torch.library.register_fake``), so the ops work under
   FakeTensor / torch.compile / ``torch.library.opcheck``;
-- the autograd formula (``torch.library.register_autograd``) of ``meta_step``; that of
-  ``meta_step_net`` is C++ (csrc/net_autograd.cpp); both backwards call
-  ``meta_step_net_backward``.
+- nothing else: the autograd formulas of ``meta_step`` and ``meta_step_net`` are C++
+  (csrc/autograd.cpp, torch::autograd::Function s at the Autograd key); both backwards
+  call ``meta_step_net_backward``.
 
 The forward ops return two opaque buffers besides their results: ``saved`` (the
 activated LSTM gates and the tanh outputs that the backward needs) and
@@ -149,50 +149,3 @@ if AVAILABLE:
     @torch.library.register_fake("lrmt_fast::feature_scale_net")
     def _feature_scale_net_fake(w, wb, g, gb, pre, post, h, c, theta, flags):
         return w[0].new_empty((len(w), 4))
-
-    # ----------------------------------------------------------------------------------
-    # autograd: meta_step (one layer)
-    # ----------------------------------------------------------------------------------
-    def _single_setup(ctx, inputs, output):
-        w, g, pre, post, h, c, theta, lr, fscale, save, snapshot = inputs
-        _w_new, _delta, h_new, c_new, saved, snap = output
-        ctx.mark_non_differentiable(saved, snap)
-        ctx.set_materialize_grads(False)
-        ctx.lr = float(lr)
-        ctx.save = bool(save)
-        ctx.snapshot = bool(snapshot)
-        ctx.n_theta = len(theta)
-        ctx.flags = [PER_NEURON_PRE if (pre.shape[0] == w.shape[0] and w.shape[0] > 1) else 0]
-        if ctx.snapshot:
-            ctx.theta_ref = list(theta)  # shapes only: the values are read from `snap`
-            ctx.save_for_backward(w, g, pre, post, h, c, fscale, h_new, c_new, saved, snap)
-        else:
-            ctx.save_for_backward(w, g, pre, post, h, c, fscale, h_new, c_new, saved, snap, *theta)
-
-    def _single_backward(ctx, gw_new, gdelta, gh_new, gc_new, _gsaved, _gsnap):
-        if not ctx.save:
-            raise RuntimeError("lrmt_fast.meta_step: backward needs the forward to run with save=True")
-        w, g, pre, post, h, c, fscale, h_new, c_new, saved, snap, *theta = ctx.saved_tensors
-        if ctx.snapshot:
-            theta = ctx.theta_ref
-        nig = ctx.needs_input_grad
-        need_w = bool(nig[0])
-        need_hc = bool(nig[4] or nig[5])
-        need_theta = any(nig[6])
-        gw, _gwb, gh, gc, gth = torch.ops.lrmt_fast.meta_step_net_backward(
-            [gw_new], [], [gdelta], [gh_new], [gc_new], [w], [], [g], [], [pre], [post], [h], [c], list(theta),
-            ctx.flags, ctx.lr, fscale.view(1, 4), [h_new], [c_new], saved, snap, need_w, need_hc, need_theta)
-        grads = (gw[0] if need_w else None, None, None, None,
-                 gh[0] if nig[4] else None, gc[0] if nig[5] else None,
-                 [t if n else None for t, n in zip(gth, nig[6])] if need_theta else [None] * ctx.n_theta,
-                 None, None, None, None)
-        # one entry per input as autograd saw them (needs_input_grad): torch 2.11 left the last
-        # argument (snapshot=False, its default) out of the op's input structure and rejected a
-        # backward with 11 entries (seen on the lent H200 machine); torch 2.14 counts all 11
-        return grads[:len(nig)]
-
-    torch.library.register_autograd("lrmt_fast::meta_step", _single_backward, setup_context=_single_setup)
-
-    # meta_step_net (a list of layers): its autograd formula is registered in C++
-    # (csrc/net_autograd.cpp, a torch::autograd::Function at the Autograd key), with the same
-    # backward op, meta_step_net_backward.

@@ -39,7 +39,7 @@ class GraphedMetaUpdate:
         if not ml.layers:
             raise ValueError("GraphedMetaUpdate: the meta-learner adapts no layer")
         self.ml, self.params, self.state, self.lr = ml, params, state, float(lr)
-        self._plan = plan = ops._plan(ml)
+        self._plan = plan = ml.plan
         dev = params[plan.weights[0]].device
         if not ops.available(dev):
             raise RuntimeError(f"GraphedMetaUpdate needs the fused extension on {dev}: {ops.build_info()}")
@@ -56,7 +56,8 @@ class GraphedMetaUpdate:
             self._capture()
 
     def _eager(self) -> None:
-        ops.network_step_(self.ml, self.params, self.grads, self.acts, self.state, self.lr, delta_out=self.deltas)
+        ops.network_step_(self._plan, self.ml.theta_list(), self.params, self.grads, self.acts, self.state,
+                          self.lr, delta_out=self.deltas)
 
     @torch.no_grad()
     def _capture(self) -> None:

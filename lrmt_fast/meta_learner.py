@@ -7,19 +7,41 @@ the classification heads are updated with plain SGD and are not adapted.
 The per-layer maths lives in :mod:`lrmt_fast.reference` (and its fused twin,
 reached through :mod:`lrmt_fast.ops`); this module owns the parameters, the
 recurrent state, and the packing of student parameters into the op's [Cout, P]
-rows (the bias is one more synapse whose pre-activation is the constant 1).
+rows (the bias is one more synapse whose pre-activation is the constant 1). For the
+fused whole-network op it owns the layer plan (:attr:`MetaLearner.plan`) and hands theta
+over packed in the op's order (:meth:`MetaLearner.theta_list`); :mod:`lrmt_fast.ops` takes
+plain tensors and knows nothing of this module.
 """
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from . import ops
+
 Tensor = torch.Tensor
 KINDS = ("conv", "linear", "gn_weight", "gn_bias")
+
+# Generation of parameter objects, for the caches of LayerLearner.theta / MetaLearner.theta_list:
+# bumped whenever a Parameter or a submodule is registered on any module (nn.Module's global
+# registration hooks: attribute assignment, ParameterList item assignment, load_state_dict
+# with assign=True), and by LayerLearner._apply (.to / .cuda / .double may put new Parameter
+# objects straight into the parameter dicts). Not seen: writes straight into a module's
+# private _parameters dict by hand. A bump only costs the next call a rebuild of the cache.
+_PARAM_GEN = [0]
+
+
+def _bump_param_generation(*_args) -> None:
+    _PARAM_GEN[0] += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_bump_param_generation)
+nn.modules.module.register_module_module_registration_hook(_bump_param_generation)
 
 
 @dataclass(frozen=True)
@@ -133,11 +155,25 @@ class LayerLearner(nn.Module):
         self.scale = nn.Parameter(torch.full((1,), 1.0 / math.tanh(1.0)))
 
     def theta(self) -> Tuple[Tensor, ...]:
-        out: List[Tensor] = []
-        for l in range(self.num_cells):
-            out += [self.w_ih[l], self.w_hh[l], self.b[l]]
-        out += [self.w_out, self.b_out, self.scale]
-        return tuple(out)
+        """theta_l in the op's order (w_ih, w_hh, b of each cell, then w_out, b_out, scale):
+        this learner's Parameter objects, cached (indexing the ParameterLists is a Python
+        getattr per tensor) and rebuilt when parameter objects may have changed (_PARAM_GEN)."""
+        cache = self.__dict__.get("_theta_cache")
+        if cache is None or cache[0] != _PARAM_GEN[0]:
+            out: List[Tensor] = []
+            for l in range(self.num_cells):
+                out += [self.w_ih[l], self.w_hh[l], self.b[l]]
+            out += [self.w_out, self.b_out, self.scale]
+            cache = (_PARAM_GEN[0], tuple(out))
+            self.__dict__["_theta_cache"] = cache
+        return cache[1]
+
+    def _apply(self, fn, recurse=True):
+        # .to / .cuda / .double: the parameters may come back as new objects (see _PARAM_GEN)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            _bump_param_generation()
 
 
 class MetaLearner(nn.Module):
@@ -159,6 +195,31 @@ class MetaLearner(nn.Module):
 
     def learner(self, layer: AdaptedLayer) -> LayerLearner:
         return self.learners[self._mkey(layer.key)]
+
+    # --- the fused whole-network op's view: layer plan and packed theta -----------------
+    @property
+    def plan(self) -> ops.NetworkPlan:
+        """The layers as the fused network op takes them (:class:`lrmt_fast.ops.NetworkPlan`),
+        built once and rebuilt only if ``layers`` changes."""
+        cache = self.__dict__.get("_plan_cache")
+        if cache is None or len(cache[0]) != len(self.layers) or not all(map(operator.is_, cache[0], self.layers)):
+            cache = (tuple(self.layers), ops.NetworkPlan.from_layers(self.layers))
+            self.__dict__["_plan_cache"] = cache
+        return cache[1]
+
+    def theta_list(self) -> List[Tensor]:
+        """Every layer's theta (:meth:`LayerLearner.theta`), concatenated in the order of
+        :attr:`plan`: the network op's ``theta`` (3L + 3 tensors a layer). The Parameter
+        objects themselves, from a cache rebuilt when they may have changed (_PARAM_GEN); a
+        new list each call."""
+        cache = self.__dict__.get("_theta_list_cache")
+        if cache is None or cache[0] != _PARAM_GEN[0] or cache[1] is not self.plan:
+            flat: List[Tensor] = []
+            for lay in self.layers:
+                flat.extend(self.learner(lay).theta())
+            cache = (_PARAM_GEN[0], self.plan, tuple(flat))
+            self.__dict__["_theta_list_cache"] = cache
+        return list(cache[2])
 
     # --- (de)serialisation of the architecture, for checkpoints -------------------
     def config(self) -> dict:
@@ -192,15 +253,14 @@ class MetaLearner(nn.Module):
         optimiser may update theta in place while graphs of earlier steps are kept
         for T-BPTT. Returns (new adapted params, new state, {layer key: delta}).
         """
-        from . import ops
-
         new_params: Dict[str, Tensor] = {}
         new_state = {}
         deltas = {}
         dev = params[self.layers[0].weight].device if self.layers else None
         if ops.resolve_impl(impl, dev) == "fused":
             # one op call for every adapted layer (lrmt_fast._C), same results
-            return ops.network_step(self, params, grads, acts, state, lr, snapshot=snapshot)
+            return ops.network_step(self.plan, self.theta_list(), params, grads, acts, state, lr,
+                                    snapshot=snapshot)
         impl = "reference"
         for lay in self.layers:
             theta = self.learner(lay).theta()
@@ -221,12 +281,10 @@ class MetaLearner(nn.Module):
     def step_(self, params: Dict[str, Tensor], grads: Dict[str, Tensor],
               acts: Dict[str, Tuple[Tensor, Tensor]], state, lr: float, impl: Optional[str] = None):
         """No-grad update (meta-test): writes the new values into ``params`` and ``state``."""
-        from . import ops
-
         dev = params[self.layers[0].weight].device if self.layers else None
         if ops.resolve_impl(impl, dev) == "fused":
             # in place, one op call for every adapted layer (lrmt_fast._C)
-            return ops.network_step_(self, params, grads, acts, state, lr)
+            return ops.network_step_(self.plan, self.theta_list(), params, grads, acts, state, lr)
         impl = "reference"
         new_params, new_state, deltas = self.step(params, grads, acts, state, lr, impl=impl)
         for k, v in new_params.items():

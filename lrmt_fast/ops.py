@@ -10,8 +10,11 @@
 
 Per-layer ops: :func:`meta_step` (differentiable) and :func:`meta_step_` (no grad, in
 place). Whole-network ops (one call for every adapted layer of a student):
-:func:`network_step` / :func:`network_step_`, used by
-:meth:`lrmt_fast.meta_learner.MetaLearner.step` / ``step_``.
+:func:`network_step` / :func:`network_step_` / :func:`network_feature_scale`, used by
+:meth:`lrmt_fast.meta_learner.MetaLearner.step` / ``step_``. They take plain tensors and a
+:class:`NetworkPlan` (the layers' parameter paths, keys and flags; ``MetaLearner.plan``)
+with theta packed in the op's order (``MetaLearner.theta_list()``); this module knows
+nothing of the meta-learner (it imports only ``_ext`` and ``reference``).
 
 The whole-network fused step computes the per-layer feature scale
 (:func:`lrmt_fast.meta_learner.feature_scale`) inside the extension: the same
@@ -22,8 +25,8 @@ from __future__ import annotations
 
 import os
 import warnings
-import weakref
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -149,65 +152,40 @@ def meta_step_(w, g, pre, post, h, c, theta, lr, fscale, delta_out=None, impl=No
 # --------------------------------------------------------------------------------------
 # whole network (every adapted layer of a student in one call)
 # --------------------------------------------------------------------------------------
-class _Plan:
-    """Static per-MetaLearner lists (layer keys, flags, shapes) for the network op."""
+@dataclass(frozen=True)
+class NetworkPlan:
+    """What the network op needs to know about a student's adapted layers, in the op's layer
+    order: where each layer's tensors are found in the ``params`` / ``grads`` / ``acts`` /
+    ``state`` dicts, and its flags. Static for a meta-learner (``MetaLearner.plan`` builds it
+    once); theta is passed beside it, packed in the same layer order (3L + 3 tensors a layer)."""
 
-    def __init__(self, ml):
-        layers = ml.layers
-        self.n = len(layers)
-        self.weights = [l.weight for l in layers]
-        self.biases = [l.bias for l in layers if l.bias is not None]
-        self.has_bias = [l.bias is not None for l in layers]
-        self.modules = [l.module for l in layers]
-        self.keys = [l.key for l in layers]
-        self.flags = [(_ext.HAS_BIAS if l.bias is not None else 0) | (_ext.PER_NEURON_PRE if l.per_neuron_pre else 0)
-                      for l in layers]
-        self.delta_shapes = [(l.cout, l.p) for l in layers]
-        self.learners = [ml.learner(l) for l in layers]
+    weights: Tuple[str, ...]                  # parameter path of each layer's weight
+    biases: Tuple[str, ...]                   # parameter paths of the bias synapses (layers with one)
+    modules: Tuple[str, ...]                  # module path of each layer (its ``acts`` key)
+    keys: Tuple[str, ...]                     # layer key of each layer (its ``state`` / delta key)
+    flags: Tuple[int, ...]                    # HAS_BIAS | PER_NEURON_PRE of each layer
+    delta_shapes: Tuple[Tuple[int, int], ...]  # [Cout, P] of each layer's delta
 
+    @property
+    def n(self) -> int:
+        return len(self.keys)
 
-_plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _plan(ml) -> _Plan:
-    p = _plans.get(ml)
-    if p is None or p.n != len(ml.layers):
-        p = _Plan(ml)
-        _plans[ml] = p
-    return p
-
-
-def _learner_theta(lrn) -> Sequence[Tensor]:
-    """``lrn.theta()`` read straight from the parameter dicts.
-
-    ``LayerLearner.theta()`` indexes three ``nn.ParameterList`` s (a Python ``getattr``
-    per tensor): for ResNet-32 (93 learners, 1116 tensors) that alone took ~9 ms a step,
-    as long as the fused op's arithmetic for a third of the network. Same tensors, same
-    order; falls back to ``theta()`` for any other learner layout.
-    """
-    try:
-        wi = lrn._modules["w_ih"]._parameters
-        wh = lrn._modules["w_hh"]._parameters
-        b = lrn._modules["b"]._parameters
-        p = lrn._parameters
-        out: List[Tensor] = []
-        for l in range(lrn.num_cells):
-            k = str(l)
-            out += (wi[k], wh[k], b[k])
-        out += (p["w_out"], p["b_out"], p["scale"])
-        return out
-    except (AttributeError, KeyError, TypeError):
-        return lrn.theta()
+    @classmethod
+    def from_layers(cls, layers: Iterable) -> "NetworkPlan":
+        """From layer descriptions with ``key``, ``module``, ``weight``, ``bias`` (path or
+        None), ``per_neuron_pre``, ``cout`` and ``p`` (``meta_learner.AdaptedLayer``)."""
+        layers = list(layers)
+        return cls(
+            weights=tuple(l.weight for l in layers),
+            biases=tuple(l.bias for l in layers if l.bias is not None),
+            modules=tuple(l.module for l in layers),
+            keys=tuple(l.key for l in layers),
+            flags=tuple((_ext.HAS_BIAS if l.bias is not None else 0)
+                        | (_ext.PER_NEURON_PRE if l.per_neuron_pre else 0) for l in layers),
+            delta_shapes=tuple((l.cout, l.p) for l in layers))
 
 
-def _theta_list(plan: _Plan) -> List[Tensor]:
-    out: List[Tensor] = []
-    for lrn in plan.learners:
-        out.extend(_learner_theta(lrn))
-    return out
-
-
-def _net_inputs(plan: _Plan, params, grads, acts, state):
+def _net_inputs(plan: NetworkPlan, params, grads, acts, state):
     w = [params[k] for k in plan.weights]
     wb = [params[k] for k in plan.biases]
     g = [_c(grads[k].detach()) for k in plan.weights]
@@ -219,19 +197,20 @@ def _net_inputs(plan: _Plan, params, grads, acts, state):
     return w, wb, g, gb, pre, post, h, c
 
 
-def network_step(ml, params: Dict[str, Tensor], grads: Dict[str, Tensor], acts, state, lr: float,
-                 snapshot: bool = False, fscale: Optional[Tensor] = None):
+def network_step(plan: NetworkPlan, theta: Sequence[Tensor], params: Dict[str, Tensor],
+                 grads: Dict[str, Tensor], acts, state, lr: float, snapshot: bool = False,
+                 fscale: Optional[Tensor] = None):
     """Fused, differentiable :meth:`MetaLearner.step`: one op call for every adapted layer.
 
+    ``plan`` / ``theta``: ``MetaLearner.plan`` and ``MetaLearner.theta_list()``.
     Returns (new adapted params {path: tensor}, new state {key: (h, c)}, {key: delta}).
     ``snapshot`` makes the op keep its own copy of theta for the backward, so an
     optimiser may update theta in place while this step's graph is retained.
     ``fscale`` ([n_layers, 4]) overrides the feature scale the op computes itself.
     """
-    plan = _plan(ml)
     w, wb, g, gb, pre, post, h, c = _net_inputs(plan, params, grads, acts, state)
     w, wb, h, c = [_c(t) for t in w], [_c(t) for t in wb], [_c(t) for t in h], [_c(t) for t in c]
-    theta = [_c(t) for t in _theta_list(plan)]
+    theta = [_c(t) for t in theta]
     need = _requires_grad(*w, *wb, *h, *c, *theta)
     w_new, wb_new, delta, h_new, c_new, _fs, _saved, _snap = torch.ops.lrmt_fast.meta_step_net(
         w, wb, g, gb, pre, post, h, c, theta, plan.flags, float(lr), fscale, need, bool(snapshot and need))
@@ -241,14 +220,14 @@ def network_step(ml, params: Dict[str, Tensor], grads: Dict[str, Tensor], acts, 
     return new_params, new_state, dict(zip(plan.keys, delta))
 
 
-def network_step_(ml, params: Dict[str, Tensor], grads: Dict[str, Tensor], acts, state, lr: float,
+def network_step_(plan: NetworkPlan, theta: Sequence[Tensor], params: Dict[str, Tensor],
+                  grads: Dict[str, Tensor], acts, state, lr: float,
                   delta_out: Optional[Sequence[Tensor]] = None, fscale: Optional[Tensor] = None):
     """Fused, no-grad, in-place :meth:`MetaLearner.step_`: writes the adapted parameters
     and the state in place (their storage is kept) and returns {key: delta}.
 
     ``delta_out`` (one [Cout, P] tensor per layer) receives delta; by default fresh tensors.
     """
-    plan = _plan(ml)
     with torch.no_grad():
         w, wb, g, gb, pre, post, h, c = _net_inputs(plan, params, grads, acts, state)
         # in-place targets must be contiguous: write through a contiguous copy otherwise
@@ -259,7 +238,7 @@ def network_step_(ml, params: Dict[str, Tensor], grads: Dict[str, Tensor], acts,
                     tc = t.contiguous()
                     copies.append((t, tc))
                     lst[i] = tc
-        theta = [_c(t) for t in _theta_list(plan)]
+        theta = [_c(t) for t in theta]
         if delta_out is None:
             ref = w[0]
             delta_out = [torch.empty(s, dtype=ref.dtype, device=ref.device) for s in plan.delta_shapes]
@@ -271,11 +250,10 @@ def network_step_(ml, params: Dict[str, Tensor], grads: Dict[str, Tensor], acts,
     return dict(zip(plan.keys, delta_out))
 
 
-def network_feature_scale(ml, params, grads, acts, state) -> Tensor:
+def network_feature_scale(plan: NetworkPlan, theta: Sequence[Tensor], params, grads, acts, state) -> Tensor:
     """The fused path's per-layer feature scale [n_layers, 4] (for tests and diagnostics)."""
-    plan = _plan(ml)
     w, wb, g, gb, pre, post, h, c = _net_inputs(plan, params, grads, acts, state)
-    theta = [_c(t.detach()) for t in _theta_list(plan)]
+    theta = [_c(t.detach()) for t in theta]
     with torch.no_grad():
         return torch.ops.lrmt_fast.feature_scale_net([_c(t) for t in w], [_c(t) for t in wb], g, gb, pre, post,
                                                      [_c(t) for t in h], [_c(t) for t in c], theta, plan.flags)

@@ -303,7 +303,7 @@ def _net_grads(requires, snapshot=False, bump_theta=False, seed=5):
 
 
 def test_network_op_partial_needs_match_full_backward():
-    """The C++ autograd formula (csrc/net_autograd.cpp) gives each input's gradient whatever
+    """The C++ autograd formula (csrc/autograd.cpp) gives each input's gradient whatever
     else requires grad, and none to inputs that do not."""
     full = _net_grads({"w", "h", "theta"})
     for sub in ({"w"}, {"h"}, {"theta"}, {"w", "theta"}):
@@ -357,7 +357,7 @@ def test_cpu_shortcuts_and_cuda_host_path_agree():
         pytest.skip("libtorch's BLAS was not found: the CPU runs the CUDA host path only")
     net = _net("lenet")
     ml, params, grads, acts, state = _student(net, 32, 32, F32)
-    fs = ops.network_feature_scale(ml, params, grads, acts, state).double()
+    fs = ops.network_feature_scale(ml.plan, ml.theta_list(), params, grads, acts, state).double()
     ml64, args64 = ml.to(F64), [_as(x, F64) for x in (params, grads, acts, state)]
     short = _net_run(ml64, *args64, "fused_fs", fs=fs)
     try:
@@ -525,7 +525,7 @@ def test_network_feature_scale_matches_python(which):
     from lrmt_fast.meta_learner import feature_scale, op_pre_post, pack_rows
     net = _net(which)
     ml, params, grads, acts, state = _student(net, 8, 8, F32)
-    fs = ops.network_feature_scale(ml, params, grads, acts, state)
+    fs = ops.network_feature_scale(ml.plan, ml.theta_list(), params, grads, acts, state)
     for i, lay in enumerate(ml.layers):
         pre, post = op_pre_post(lay, *acts[lay.module])
         ref = feature_scale(pack_rows(params, lay), pack_rows(grads, lay), pre, post)
@@ -547,7 +547,8 @@ def _net_run(ml, params, grads, acts, state, impl, train=True, fs=None, seeds=(3
     if impl in ("fused", "reference"):
         new_p, new_s, deltas = ml.step(p, grads, acts, s, 0.1, impl=impl, snapshot=train)
     elif impl == "fused_fs":
-        new_p, new_s, deltas = ops.network_step(ml, p, grads, acts, s, 0.1, snapshot=train, fscale=fs)
+        new_p, new_s, deltas = ops.network_step(ml.plan, ml.theta_list(), p, grads, acts, s, 0.1,
+                                                 snapshot=train, fscale=fs)
     else:
         new_p, new_s, deltas = {}, {}, {}
         for i, lay in enumerate(ml.layers):
@@ -586,7 +587,7 @@ def test_network_step_matches_reference(which):
     backward, with the feature scale the fused path computes given to all three runs."""
     net = _net(which)
     ml, params, grads, acts, state = _student(net, 32 if which == "lenet" else 64, 32, F32)
-    fs = ops.network_feature_scale(ml, params, grads, acts, state)
+    fs = ops.network_feature_scale(ml.plan, ml.theta_list(), params, grads, acts, state)
     fus32 = _net_run(ml, params, grads, acts, state, "fused_fs", fs=fs)
     ref32 = _net_run(ml, params, grads, acts, state, "reference_fs", fs=fs)
     ml64 = ml.to(F64)
@@ -688,13 +689,75 @@ def test_inplace_op_called_directly_with_grad_enabled():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_network_theta_list_is_learner_theta():
-    """ops reads theta from the parameter dicts (fast path); same tensors as LayerLearner.theta()."""
+def _theta_by_name(ml):
+    """theta in the op's order, read through the public module attributes (no cache)."""
+    out = []
+    for lay in ml.layers:
+        lrn = ml.learner(lay)
+        for l in range(lrn.num_cells):
+            out += [lrn.w_ih[l], lrn.w_hh[l], lrn.b[l]]
+        out += [lrn.w_out, lrn.b_out, lrn.scale]
+    return out
+
+
+def _same_objects(a, b):
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def test_network_plan_and_theta_list():
+    """MetaLearner.plan (the network op's layer plan) and theta_list() (theta packed in the
+    op's order): the learners' Parameter objects, cached, and rebuilt when they are replaced."""
     ml = MetaLearner(find_adapted_layers(_net("resnet"), hidden=4, hidden_gn=3))
-    plan = ops._plan(ml)
-    fast = ops._theta_list(plan)
-    slow = [t for lrn in plan.learners for t in lrn.theta()]
-    assert len(fast) == len(slow) and all(a is b for a, b in zip(fast, slow))
+    plan = ml.plan
+    assert plan is ml.plan and plan.n == len(ml.layers)
+    assert plan.keys == tuple(l.key for l in ml.layers)
+    assert plan.biases == tuple(l.bias for l in ml.layers if l.bias is not None)
+    assert plan.flags == tuple((_ext.HAS_BIAS if l.bias else 0) | (_ext.PER_NEURON_PRE if l.per_neuron_pre else 0)
+                               for l in ml.layers)
+    assert plan.delta_shapes == tuple((l.cout, l.p) for l in ml.layers)
+    with pytest.raises(Exception):
+        plan.keys = ()  # frozen
+    th = ml.theta_list()
+    assert _same_objects(th, _theta_by_name(ml))
+    assert th is not ml.theta_list() and _same_objects(th, ml.theta_list())  # a new list, same tensors
+
+    # load_state_dict copies into the same Parameter objects: the cache stays right
+    sd = {k: v.clone() + 1 for k, v in ml.state_dict().items()}
+    ml.load_state_dict(sd)
+    assert _same_objects(ml.theta_list(), th)
+    torch.testing.assert_close(ml.theta_list()[0], sd["learners.conv1.w_ih.0"])
+    # ... or, with assign=True, puts the given tensors in as new Parameters
+    ml.load_state_dict({k: v.clone() for k, v in sd.items()}, assign=True)
+    assert _same_objects(ml.theta_list(), _theta_by_name(ml)) and ml.theta_list()[0] is not th[0]
+    # attribute and ParameterList item assignment
+    lrn = ml.learner(ml.layers[1])
+    lrn.w_out = nn.Parameter(torch.zeros_like(lrn.w_out))
+    lrn.w_ih[1] = nn.Parameter(torch.zeros_like(lrn.w_ih[1]))
+    assert _same_objects(ml.theta_list(), _theta_by_name(ml))
+    assert _same_objects(lrn.theta(), _theta_by_name(ml)[12:24])
+    # dtype / device moves, also when they make new Parameter objects
+    ml.double()
+    assert _same_objects(ml.theta_list(), _theta_by_name(ml)) and ml.theta_list()[0].dtype == torch.float64
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        before = ml.theta_list()
+        ml.float()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    assert ml.theta_list()[0] is not before[0]
+    assert _same_objects(ml.theta_list(), _theta_by_name(ml)) and ml.theta_list()[0].dtype == torch.float32
+    # a copy has its own parameters
+    import copy
+    cp = copy.deepcopy(ml)
+    assert _same_objects(cp.theta_list(), _theta_by_name(cp)) and cp.theta_list()[0] is not ml.theta_list()[0]
+
+
+def test_ops_does_not_import_meta_learner():
+    import subprocess
+    import sys
+    code = ("import sys, lrmt_fast.ops; assert 'lrmt_fast.meta_learner' not in sys.modules, 'ops imported it'; "
+            "import lrmt_fast.meta_learner")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def _alloc_bytes_under_profiler(fn):
@@ -707,7 +770,9 @@ def _alloc_bytes_under_profiler(fn):
 def test_inplace_step_allocates_nothing_per_step():
     ml, params, grads, acts, state = _student(LeNet(), 32, 32, F32)
     deltas = [torch.empty(l.cout, l.p) for l in ml.layers]
-    step = lambda: ops.network_step_(ml, params, grads, acts, state, 0.1, delta_out=deltas)  # noqa: E731
+    plan = ml.plan
+    step = lambda: ops.network_step_(plan, ml.theta_list(), params, grads, acts, state, 0.1,  # noqa: E731
+                                     delta_out=deltas)
     step()  # warm: the workspace is sized here
     stats = _ext.workspace_stats()
     ids = {k: (id(v), v.data_ptr()) for k, v in params.items()}
@@ -739,7 +804,7 @@ def test_workspace_cache_is_shared_and_stable_across_shapes():
 def _train_window(ml, params, grads, acts, state, steps=3):
     p, st = params, state
     for _ in range(steps):
-        new, st, _ = ops.network_step(ml, p, grads, acts, st, 0.1, snapshot=True)
+        new, st, _ = ops.network_step(ml.plan, ml.theta_list(), p, grads, acts, st, 0.1, snapshot=True)
         p = {**p, **new}
     sum(v.sum() for v in new.values()).backward()
     ml.zero_grad(set_to_none=True)   # theta's gradients are pool tensors too
@@ -1016,13 +1081,13 @@ def test_cuda_network_step_matches_and_graph_captures(which):
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up: sizes the workspace
-        ops.network_step_(mlc, P, G, A, S, 0.1, delta_out=deltas)
+        ops.network_step_(mlc.plan, mlc.theta_list(), P, G, A, S, 0.1, delta_out=deltas)
     torch.cuda.current_stream().wait_stream(s)
     for k in ref[0]:
         torch.testing.assert_close(P[k].cpu(), ref[0][k], rtol=1e-4, atol=1e-5)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ops.network_step_(mlc, P, G, A, S, 0.1, delta_out=deltas)
+        ops.network_step_(mlc.plan, mlc.theta_list(), P, G, A, S, 0.1, delta_out=deltas)
     for k in P:  # replay from the initial values: same result as eager
         P[k].copy_(P0[k])
     for k in S:

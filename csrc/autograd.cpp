@@ -1,11 +1,12 @@
-// lrmt_fast._C: the autograd formula of meta_step_net, in C++.
+// lrmt_fast._C: the autograd formulas of meta_step and meta_step_net, in C++.
 //
 // meta_step_net is the op of every meta-training step (one call for all adapted layers of
-// a student); its backward is meta_step_net_backward. Registered here at the Autograd
-// dispatch key as a torch::autograd::Function, so a step builds its graph node without
-// Python: the torch.library Python wrapper (pytree flattening of ~50 tensors, a Python
-// ctx per step) cost ~0.4-0.6 ms per LeNet step forward and about as much backward
-// (docs/performance.md). The single-layer meta_step keeps its Python formula (_ext.py).
+// a student); meta_step is the same step for one layer. Both backwards are the one op
+// meta_step_net_backward (meta_step's as a network of one layer). Both formulas are
+// registered here at the Autograd dispatch key as torch::autograd::Function s, so a step
+// builds its graph node without Python: the torch.library Python wrapper (pytree flattening
+// of ~50 tensors, a Python ctx per step) cost ~0.4-0.6 ms per LeNet step forward and about
+// as much backward (docs/performance.md).
 //
 // Both halves call the ops through the dispatcher (below autograd), so the fake kernels of
 // _ext.py serve FakeTensor / torch.compile / opcheck as before.
@@ -18,6 +19,8 @@
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "layer.h"  // kPerNeuronPre
 
 namespace lrmt {
 namespace {
@@ -39,6 +42,14 @@ using NetBwdSig = NetGrads(const OptList&, const OptList&, const OptList&, const
                            TensorList, TensorList, at::IntArrayRef, double, const Tensor&, TensorList, TensorList,
                            const Tensor&, const Tensor&, bool, bool, bool);
 
+using SingleOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using SingleFwdSig = SingleOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                               const Tensor&, TensorList, double, const Tensor&, bool, bool);
+
+const c10::TypedOperatorHandle<SingleFwdSig>& single_fwd_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lrmt_fast::meta_step", "").typed<SingleFwdSig>();
+  return op;
+}
 const c10::TypedOperatorHandle<NetFwdSig>& fwd_op() {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lrmt_fast::meta_step_net", "").typed<NetFwdSig>();
   return op;
@@ -190,8 +201,92 @@ NetOut meta_step_net_autograd(TensorList w, TensorList wb, TensorList g, TensorL
   return {std::move(w_new), std::move(wb_new), std::move(delta), std::move(h_new), std::move(c_new), fs, saved, snap};
 }
 
+OptList opt_one(const Tensor& t) {
+  OptList out;
+  out.push_back(t.defined() ? std::optional<Tensor>(t) : std::nullopt);
+  return out;
+}
+
+struct MetaStepFn : public torch::autograd::Function<MetaStepFn> {
+  // Forward arguments, in the op's order; graph inputs w, g, pre, post, h, c, theta (nt),
+  // fscale.
+  static variable_list forward(AutogradContext* ctx, const Tensor& w, const Tensor& g, const Tensor& pre,
+                               const Tensor& post, const Tensor& h, const Tensor& c, TensorList theta, double lr,
+                               const Tensor& fscale, bool save, bool snapshot) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto out = single_fwd_op().call(w, g, pre, post, h, c, theta, lr, fscale, save, snapshot);
+    auto& [w_new, delta, h_new, c_new, saved, snap] = out;
+
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({saved, snap});
+    ctx->saved_data["nt"] = static_cast<int64_t>(theta.size());
+    // the layer as the network op sees it (make_layer's rule for the single op)
+    ctx->saved_data["flags"] = (pre.size(0) == w.size(0) && w.size(0) > 1) ? int64_t{kPerNeuronPre} : int64_t{0};
+    ctx->saved_data["lr"] = lr;
+    ctx->saved_data["save"] = save;
+    ctx->saved_data["snapshot"] = snapshot;
+    variable_list keep{w, g, pre, post, h, c, fscale, h_new, c_new, saved, snap};
+    if (snapshot) {
+      // shapes only: the values are read from `snap` (see MetaStepNetFn)
+      ctx->saved_data["theta_ref"] = c10::List<Tensor>(theta);
+    } else {
+      keep.insert(keep.end(), theta.begin(), theta.end());
+    }
+    ctx->save_for_backward(keep);
+    return {w_new, delta, h_new, c_new, saved, snap};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list go) {
+    TORCH_CHECK(ctx->saved_data["save"].toBool(),
+                "lrmt_fast.meta_step: backward needs the forward to run with save=True");
+    const auto nt = static_cast<size_t>(ctx->saved_data["nt"].toInt());
+    const bool snapshot = ctx->saved_data["snapshot"].toBool();
+    const double lr = ctx->saved_data["lr"].toDouble();
+    const std::vector<int64_t> flags{ctx->saved_data["flags"].toInt()};
+
+    variable_list sv = ctx->get_saved_variables();
+    size_t at = 0;
+    const Tensor w = sv[at++], g = sv[at++], pre = sv[at++], post = sv[at++], h = sv[at++], c = sv[at++];
+    const Tensor fs = sv[at++], h_new = sv[at++], c_new = sv[at++], saved = sv[at++], snap = sv[at++];
+    std::vector<Tensor> theta = snapshot ? ctx->saved_data["theta_ref"].toTensorVector() : take(sv, at, nt);
+
+    // graph inputs: w, g, pre, post, h, c, theta, fscale
+    const size_t i_h = 4, i_c = 5, i_th = 6;
+    const bool need_w = ctx->needs_input_grad(0);
+    const bool need_hc = ctx->needs_input_grad(i_h) || ctx->needs_input_grad(i_c);
+    const bool need_theta = any_need(ctx, i_th, nt);
+
+    // grad outputs: w_new, delta, h_new, c_new, saved, snap
+    auto grads = bwd_op().call(opt_one(go[0]), OptList(), opt_one(go[1]), opt_one(go[2]), opt_one(go[3]), {w}, {},
+                               {g}, {}, {pre}, {post}, {h}, {c}, theta, flags, lr, fs.view({1, 4}), {h_new},
+                               {c_new}, saved, snap, need_w, need_hc, need_theta);
+    auto& [gw, gwb, gh, gc, gth] = grads;
+
+    // one entry per forward argument (theta's elements one each, other arguments one)
+    variable_list res;
+    res.reserve(6 + nt + 4);
+    res.push_back(need_w ? gw[0] : Tensor());
+    res.insert(res.end(), 3, Tensor());  // g, pre, post
+    res.push_back(need_hc && ctx->needs_input_grad(i_h) ? gh[0] : Tensor());
+    res.push_back(need_hc && ctx->needs_input_grad(i_c) ? gc[0] : Tensor());
+    for (size_t i = 0; i < nt; ++i) res.push_back(need_theta && ctx->needs_input_grad(i_th + i) ? gth[i] : Tensor());
+    res.insert(res.end(), 4, Tensor());  // lr, fscale, save, snapshot
+    return res;
+  }
+};
+
+SingleOut meta_step_autograd(const Tensor& w, const Tensor& g, const Tensor& pre, const Tensor& post, const Tensor& h,
+                             const Tensor& c, TensorList theta, double lr, const Tensor& fscale, bool save,
+                             bool snapshot) {
+  variable_list r = MetaStepFn::apply(w, g, pre, post, h, c, theta, lr, fscale, save, snapshot);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lrmt_fast, Autograd, m) { m.impl("meta_step_net", &meta_step_net_autograd); }
+TORCH_LIBRARY_IMPL(lrmt_fast, Autograd, m) {
+  m.impl("meta_step", &meta_step_autograd);
+  m.impl("meta_step_net", &meta_step_net_autograd);
+}
 
 }  // namespace lrmt
