@@ -706,7 +706,7 @@ def _same_objects(a, b):
 
 def test_network_plan_and_theta_list():
     """MetaLearner.plan (the network op's layer plan) and theta_list() (theta packed in the
-    op's order): the learners' Parameter objects, cached, and rebuilt when they are replaced."""
+    op's order): always the learners' current Parameter objects (no cache to go stale)."""
     ml = MetaLearner(find_adapted_layers(_net("resnet"), hidden=4, hidden_gn=3))
     plan = ml.plan
     assert plan is ml.plan and plan.n == len(ml.layers)
@@ -721,7 +721,7 @@ def test_network_plan_and_theta_list():
     assert _same_objects(th, _theta_by_name(ml))
     assert th is not ml.theta_list() and _same_objects(th, ml.theta_list())  # a new list, same tensors
 
-    # load_state_dict copies into the same Parameter objects: the cache stays right
+    # load_state_dict copies into the same Parameter objects
     sd = {k: v.clone() + 1 for k, v in ml.state_dict().items()}
     ml.load_state_dict(sd)
     assert _same_objects(ml.theta_list(), th)
