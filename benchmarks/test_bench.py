@@ -10,8 +10,8 @@ subprocess with a time limit), not here.
 import pytest
 import torch
 
-from benchmarks.cases import CASES, applies, make_case
-from benchmarks.measure import (cpu_model, device_name, git_commit, load_average, machine_limits, now,
+from lrmt_fast.bench.cases import CASES, applies, make_case
+from lrmt_fast.bench.measure import (cpu_model, device_name, git_commit, load_average, machine_limits, now,
                                 peak_memory)
 from lrmt_fast import ops
 

@@ -7,19 +7,19 @@ images: the student's forward and backward, the fused meta-update in place, and 
 ``trace`` the per-step statistics of lrmt_fast/gate_trace.py (kept on the device). Both
 variants run in the same session from the same seed (group ``ours_step-<device>``), so their
 ratio is the trace's overhead; ``extra_info`` holds the peak memory of one warm step above
-what is held before it (:func:`benchmarks.measure.peak_memory`, as the op's cases).
+what is held before it (:func:`lrmt_fast.bench.measure.peak_memory`, as the op's cases).
 """
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from benchmarks.measure import device_name, git_commit, now, peak_memory
+from lrmt_fast.bench.measure import device_name, git_commit, now, peak_memory
 from lrmt_fast import ops
 from lrmt_fast.baselines import OursLearner
-from lrmt_fast.metatrain import build_meta_learner
+from lrmt_fast.meta_training import build_meta_learner
 from lrmt_fast.models import resnet32_gn
-from lrmt_fast.pretrain import fresh_head_b
+from lrmt_fast.student import fresh_head_b
 from lrmt_fast.student import param_dict
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]

@@ -117,7 +117,8 @@ class Learner:
     def __init__(self, params: Params):
         self.params = {k: v.detach().clone() for k, v in params.items()}
 
-    def step(self, xb: Tensor, yb: Tensor) -> float:
+    def step(self, xb: Tensor, yb: Tensor) -> Optional[float]:
+        """One update on the Task B batch; returns the training loss (None if the method has none)."""
         raise NotImplementedError
 
 
@@ -168,7 +169,7 @@ class TeacherLearner(Learner):
     def step(self, xb, yb) -> float:
         xa, ya = self.next_a()
         self.params, _ = teacher_sgd_step(self.model, self.params, xa, ya, xb, yb, self.lr, self.loss)
-        return float("nan")
+        return None
 
 
 class OursLearner(Learner):
@@ -271,9 +272,57 @@ def spec_key(spec: Dict) -> Dict:
     return spec
 
 
+# the options each kind takes, with their types (numbers: int or float; None: any)
+_NUM = (int, float)
+METHOD_OPTIONS = {
+    "freeze": {"lr": _NUM, "lr_scale": _NUM, "momentum": _NUM},
+    "sgd": {"lr": _NUM, "lr_scale": _NUM, "momentum": _NUM},
+    "lwf": {"lr": _NUM, "lr_scale": _NUM, "momentum": _NUM, "coef": _NUM, "temperature": _NUM},
+    "ewc": {"lr": _NUM, "lr_scale": _NUM, "momentum": _NUM, "coef": _NUM},
+    "teacher": {"lr": _NUM, "lr_scale": _NUM, "loss": (str,)},
+    "ours": {"lr": _NUM, "lr_scale": _NUM, "reset_every": (int,), "trace": (bool,), "min_gate": _NUM},
+}
+
+
+def check_method(spec) -> Dict:
+    """A method's spec ``{"kind": ..., options}`` checked without building anything: the kind is
+    known, every option is one the kind takes, with a value of its type and range. Returns the
+    spec; raises ValueError with one line naming the first fault."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"expected an object like {{\"kind\": \"sgd\"}}, got {spec!r}")
+    kind = spec.get("kind")
+    if kind not in METHOD_OPTIONS:
+        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    known = METHOD_OPTIONS[kind]
+    for k, v in spec.items():
+        if k == "kind" or k.startswith("_"):
+            continue
+        if k not in known:
+            raise ValueError(f"method kind {kind!r} has no option {k!r}; its options: {', '.join(sorted(known))}")
+        types = known[k]
+        if v is None and k in ("reset_every", "min_gate"):
+            continue
+        if isinstance(v, bool) and bool not in types or not isinstance(v, types):
+            raise ValueError(f"{k}: expected {'a number' if types is _NUM else types[0].__name__}, got {v!r}")
+        if types is _NUM and not math.isfinite(v):
+            raise ValueError(f"{k}: expected a finite number, got {v!r}")
+        if k in ("lr", "lr_scale", "temperature") and not v > 0:
+            raise ValueError(f"{k}: must be > 0, got {v!r}")
+        if k in ("coef",) and not v >= 0:
+            raise ValueError(f"{k}: must be >= 0, got {v!r}")
+        if k == "momentum" and not 0 <= v < 1:
+            raise ValueError(f"momentum: must be in [0, 1), got {v!r}")
+        if k == "reset_every" and not v >= 1:
+            raise ValueError(f"reset_every: must be a positive number of steps, got {v!r}")
+        if k == "loss" and v not in TEACHER_LOSSES:
+            raise ValueError(f"loss: expected one of {', '.join(TEACHER_LOSSES)}, got {v!r}")
+    return spec
+
+
 def make_learner(spec: Dict, ctx: MethodContext, params: Params, next_a: Optional[Callable] = None) -> Learner:
     """A learner for one method. ``spec`` = {"kind": ..., options}; ``params`` = the starting
     weights (Task A checkpoint with this run's fresh head_b); ``next_a`` draws Task A batches."""
+    check_method(spec)
     spec = dict(spec)
     kind = spec.pop("kind", None)
     model = ctx.model

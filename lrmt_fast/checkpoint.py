@@ -44,3 +44,21 @@ def load_checkpoint(path: str, required: Iterable[str] = (), what: str = "checkp
         raise CheckpointError(f"{what} {path} lacks the keys {missing}; it was not written by lrmt_fast "
                               f"or is from an incompatible version")
     return obj
+
+
+def atomic_write_json(path: str, obj, indent=1) -> None:
+    """``obj`` as JSON at ``path``, written to a temporary file first and moved into place."""
+    import json
+    tmp = f"{path}.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

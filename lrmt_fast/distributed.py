@@ -3,7 +3,7 @@
 One process per GPU (or per CPU worker), started by ``torchrun``. Every rank runs
 Algorithm 1 on its own episodes (its episode generators are seeded by
 ``(seed, rank, episode)``), and the ranks stay in lockstep through the two
-collectives of the ``sync`` protocol of :mod:`lrmt_fast.metatrain`:
+collectives of the ``sync`` protocol of :mod:`lrmt_fast.meta_training`:
 
 * ``average_grads(meta)``: after every inner step's backward, one all-reduce of
   all meta-gradients (flattened into one buffer) divided by ``world_size``, so
@@ -35,7 +35,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .metatrain import LocalSync
+from .meta_training import LocalSync
 
 DEFAULT_TIMEOUT_S = 900.0
 
@@ -50,7 +50,7 @@ def launched_distributed() -> bool:
 
 
 class DistSync:
-    """The sync protocol of :func:`lrmt_fast.metatrain.metatrain` over a process group."""
+    """The sync protocol of :func:`lrmt_fast.meta_training.metatrain` over a process group."""
 
     def __init__(self, device="cpu", group=None, timeout_s: float = DEFAULT_TIMEOUT_S):
         if not dist.is_initialized():

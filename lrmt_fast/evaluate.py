@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ import torch
 from torch import nn
 
 from .baselines import MethodContext, make_learner, spec_key
+from .checkpoint import atomic_write_json
 from .data.tasks import BatchStream, TwoTasks
-from .pretrain import fresh_head_b
+from .student import fresh_head_b
 from .readout import Readout
 
 Tensor = torch.Tensor
@@ -39,6 +41,8 @@ class MetaTestConfig:
     batch_a: int = 64          # teacher's Task A batch
     lr: float = 5e-2           # alpha: the meta-learning rate (MNIST 5e-2)
     fisher_samples: int = 1000
+
+    POSITIVE = ("steps", "every", "batch", "batch_a", "lr", "fisher_samples")
 
     def checkpoints(self) -> List[int]:
         pts = list(range(0, self.steps + 1, max(1, self.every)))
@@ -66,15 +70,24 @@ def run_start(w0: Dict[str, Tensor], xb2: Tensor, yb2: Tensor, cfg: MetaTestConf
             BatchStream(xb2, yb2, cfg.batch, torch.Generator().manual_seed(2000 + seed)))
 
 
+def params_finite(params: Dict[str, Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in params.values())
+
+
 def rollout(learner, stream_b: BatchStream, readout: Readout, cfg: MetaTestConfig, seed: int,
             bar=None) -> Dict:
-    """Run ``cfg.steps`` updates of ``learner``; readouts at ``cfg.checkpoints()``."""
+    """Run ``cfg.steps`` updates of ``learner``; readouts at ``cfg.checkpoints()``. A learner
+    whose training loss or weights stop being finite is marked: ``nonfinite_step`` = the first
+    update step (1-based) after which a loss or a weight was NaN or inf."""
     pts = set(cfg.checkpoints())
     out: Dict[str, List] = {"steps": [], "task_a_readout": [], "task_b_readout": [], "task_a_original": [],
                             "task_b_head": [], "train_loss": []}
     losses = []
+    bad = None
     for t in range(cfg.steps + 1):
         if t in pts:
+            if bad is None and not params_finite(learner.params):
+                bad = t
             r = readout.evaluate(learner.params, seed=seed, joint=(t == cfg.steps))
             out["steps"].append(t)
             for k in ("task_a_readout", "task_b_readout", "task_a_original", "task_b_head"):
@@ -89,11 +102,35 @@ def rollout(learner, stream_b: BatchStream, readout: Readout, cfg: MetaTestConfi
             break
         xb, yb = stream_b.next()
         loss = learner.step(xb, yb)
-        if loss == loss:   # not NaN
-            losses.append(loss)
+        if loss is not None:        # None: the method has no training loss of its own (teacher)
+            if math.isfinite(loss):
+                losses.append(loss)
+            elif bad is None:
+                bad = t + 1
         if bar is not None:
             bar.update(1)
+    if bad is not None:
+        out["nonfinite_step"] = bad
     return out
+
+
+def valid_run(run, key: str, cfg: MetaTestConfig) -> Optional[str]:
+    """None if ``run`` (a cached meta-test run) has the shape :func:`rollout` writes for ``key``
+    and ``cfg``, else what is wrong with it."""
+    if not isinstance(run, dict):
+        return f"holds {type(run).__name__}, not an object"
+    if run.get("key") != key:
+        return "was written for other settings"
+    if run.get("steps") != cfg.checkpoints():
+        return "has other readout steps"
+    n = len(run["steps"])
+    for k in ("task_a_readout", "task_b_readout", "task_a_original"):
+        v = run.get(k)
+        if not isinstance(v, list) or len(v) != n or not all(isinstance(x, (int, float)) for x in v):
+            return f"has no valid '{k}'"
+    if not isinstance(run.get("joint_readout"), (int, float)):
+        return "has no valid 'joint_readout'"
+    return None
 
 
 def run_meta_test(model: nn.Module, w0: Dict[str, Tensor], tasks: TwoTasks, readout: Readout,
@@ -133,13 +170,15 @@ def run_meta_test(model: nn.Module, w0: Dict[str, Tensor], tasks: TwoTasks, read
             try:
                 with open(path) as f:
                     run = json.load(f)
-                if run.get("key") == key:
-                    results[name].append(run)
-                    if bar is not None:
-                        bar.update(cfg.steps)
-                    continue
-            except (OSError, ValueError):
-                pass   # unreadable cache entry: run it again
+                why = valid_run(run, key, cfg)
+            except (OSError, ValueError) as e:
+                why = f"does not parse ({type(e).__name__})"
+            if why is None:
+                results[name].append(run)
+                if bar is not None:
+                    bar.update(cfg.steps)
+                continue
+            log(f"meta-test: the cached run {path} {why}; computing it again")
         if bar is not None:
             bar.set_description(f"meta-test {name} seed {s}")
         t0 = time.time()
@@ -149,11 +188,7 @@ def run_meta_test(model: nn.Module, w0: Dict[str, Tensor], tasks: TwoTasks, read
         run = rollout(learner, stream_b, readout, cfg, seed=s, bar=bar)
         run.update(method=name, spec=spec, seed=s, key=key, seconds=round(time.time() - t0, 2))
         if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(run, f)
-            os.replace(tmp, path)
+            atomic_write_json(path, run, indent=None)
         results[name].append(run)
     if bar is not None:
         bar.close()

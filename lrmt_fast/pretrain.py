@@ -4,7 +4,7 @@ The checkpoint is written atomically and reused: its file name carries a key mad
 of the training config and the fingerprint of the Task A data, so a different
 config never silently reuses another's weights. ``head_b`` of the checkpoint is
 an untrained, seeded head; every meta-training episode and every meta-test run
-draws its own fresh ``head_b`` (:func:`fresh_head_b`).
+draws its own fresh ``head_b`` (:func:`lrmt_fast.student.fresh_head_b`).
 """
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ class PretrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
 
+    POSITIVE = ("epochs", "lr", "batch")
+    NONNEGATIVE = ("momentum", "weight_decay", "seed")
+
     @classmethod
     def from_dict(cls, d: dict) -> "PretrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
@@ -66,18 +69,6 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, head: str = "a", batch: int
         correct += int((model(x[i:i + batch], head).argmax(1) == y[i:i + batch]).sum())
     model.train(was)
     return 100.0 * correct / max(1, x.shape[0])
-
-
-def fresh_head_b(w0: Dict[str, Tensor], gen: torch.Generator) -> Dict[str, Tensor]:
-    """A copy of ``w0`` with ``head_b`` redrawn like ``nn.Linear``'s default init, from ``gen``."""
-    out = dict(w0)
-    w = w0["head_b.weight"]
-    bound = 1.0 / math.sqrt(w.shape[1])
-    out["head_b.weight"] = ((torch.rand(w.shape, generator=gen) * 2 - 1) * bound).to(w.device, w.dtype)
-    if "head_b.bias" in w0:
-        b = w0["head_b.bias"]
-        out["head_b.bias"] = ((torch.rand(b.shape, generator=gen) * 2 - 1) * bound).to(b.device, b.dtype)
-    return out
 
 
 def pretrain(model: nn.Module, task: TaskData, cfg: PretrainConfig, device="cpu", progress: bool = True) -> Dict:

@@ -88,6 +88,9 @@ class CifarPretrainConfig:
     # of the cache key, which stays the key the config had before the field existed.
     finish_average_epochs: float = 0.0
 
+    POSITIVE = ("epochs", "lr", "batch", "eval_every")
+    NONNEGATIVE = ("momentum", "weight_decay", "seed", "warmup_epochs")
+
     def __post_init__(self):
         if self.finish_epochs < 0 or self.finish_warmup_epochs < 0 or self.finish_weight_decay < 0:
             raise ValueError("finish_epochs, finish_warmup_epochs and finish_weight_decay must be >= 0")

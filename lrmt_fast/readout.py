@@ -42,6 +42,9 @@ class ReadoutConfig:
     feature_batch: int = 2000
     subset_seed: int = 0
 
+    POSITIVE = ("steps", "lr", "train_size", "test_size", "feature_batch")
+    NONNEGATIVE = ("subset_seed",)
+
 
 @torch.no_grad()
 def compute_features(model: nn.Module, params: Optional[Dict[str, Tensor]], x: Tensor, batch: int = 2000) -> Tensor:

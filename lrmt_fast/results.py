@@ -34,7 +34,8 @@ OPTIONAL_CURVE_KEYS = ("task_b_head",)
 PAPER_ROWS = [("freeze", "Freeze"), ("sgd", "SGD"), ("sgd_x0.1", "SGD × 0.1"), ("lwf", "LwF"), ("ewc", "EWC"),
               ("ours", "ours"), ("teacher", "Teacher")]
 REQUIRED_METHODS = [m for m, _ in PAPER_ROWS]
-DISPLAY = dict(PAPER_ROWS)
+DISPLAY = dict(PAPER_ROWS, **{"sgd_x0.5": "SGD × 0.5"})
+ROW_ORDER = ["freeze", "sgd", "sgd_x0.1", "sgd_x0.5", "lwf", "ewc", "ours", "teacher"]
 
 
 class ResultsError(ValueError):
@@ -139,7 +140,7 @@ def load_results(path: str, required_methods: Iterable[str] = REQUIRED_METHODS) 
 # --------------------------------------------------------------------------- tables
 def method_order(names: Iterable[str]) -> List[str]:
     names = list(names)
-    first = [m for m in REQUIRED_METHODS if m in names]
+    first = [m for m in ROW_ORDER if m in names]
     return first + [m for m in names if m not in first]
 
 
@@ -170,14 +171,16 @@ def format_table(res: Dict) -> str:
              "| method | joint readout (Table 1) | Task A readout | Task B readout | Task A original head | "
              "Task A readout change from step 0 |",
              "|---|---|---|---|---|---|"]
+    bad = res.get("nonfinite_runs") or {}
     for m in method_order(meths):
         e = meths[m]
+        name = display_name(m) + (f" **(non-finite: seeds {bad[m]})**" if m in bad else "")
         a, asem = _at_step(e, "task_a_readout")
         b, bsem = _at_step(e, "task_b_readout")
         o, osem = _at_step(e, "task_a_original")
         a0 = e["task_a_readout"]["mean"][0]
         j = e["joint_readout"]
-        lines.append(f"| {display_name(m)} | {fmt(j['mean'], j['sem'])} | {fmt(a, asem, 2)} | {fmt(b, bsem, 2)} | "
+        lines.append(f"| {name} | {fmt(j['mean'], j['sem'])} | {fmt(a, asem, 2)} | {fmt(b, bsem, 2)} | "
                      f"{fmt(o, osem, 2)} | {a - a0:+.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -201,7 +204,7 @@ def combined_table(results: Sequence[Dict], titles: Optional[Sequence[str]] = No
 
 # --------------------------------------------------------------------------- plots
 _STYLE = {"freeze": ("--", "k"), "teacher": ("-", "tab:green"), "sgd": ("-", "tab:blue"),
-          "sgd_x0.1": ("-", "tab:cyan"), "lwf": ("-", "tab:purple"), "ewc": ("-", "tab:orange"),
+          "sgd_x0.1": ("-", "tab:cyan"), "sgd_x0.5": ("-.", "tab:blue"), "lwf": ("-", "tab:purple"), "ewc": ("-", "tab:orange"),
           "ours": ("-", "tab:red")}
 # colours for methods beyond the paper's (e.g. ewc_100, diagnostic variants of ours), dotted
 _EXTRA_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:gray", "gold", "navy", "teal", "magenta")

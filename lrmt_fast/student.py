@@ -2,6 +2,7 @@
 :func:`torch.func.functional_call`, first-order gradients and activations."""
 from __future__ import annotations
 
+import math
 from typing import Dict, Iterable, Tuple
 
 import torch
@@ -53,3 +54,15 @@ def grads_and_acts(model: nn.Module, params: Dict[str, Tensor], x: Tensor, y: Te
     gs = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
     grads = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(names, gs)}
     return loss.detach(), grads, dict(acts)
+
+
+def fresh_head_b(w0: Dict[str, Tensor], gen: torch.Generator) -> Dict[str, Tensor]:
+    """A copy of ``w0`` with ``head_b`` redrawn like ``nn.Linear``'s default init, from ``gen``."""
+    out = dict(w0)
+    w = w0["head_b.weight"]
+    bound = 1.0 / math.sqrt(w.shape[1])
+    out["head_b.weight"] = ((torch.rand(w.shape, generator=gen) * 2 - 1) * bound).to(w.device, w.dtype)
+    if "head_b.bias" in w0:
+        b = w0["head_b.bias"]
+        out["head_b.bias"] = ((torch.rand(b.shape, generator=gen) * 2 - 1) * bound).to(b.device, b.dtype)
+    return out

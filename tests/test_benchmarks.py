@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from benchmarks.measure import GemmProbe, same_blocks_fraction, time_cases_interleaved
-from benchmarks.report import measure, table
+from lrmt_fast.bench.measure import GemmProbe, same_blocks_fraction, time_cases_interleaved
+from lrmt_fast.bench.report import measure, table
 from lrmt_fast import ops
 
 KEYS = ("case", "device", "impl", "steps_per_s", "synapse_updates_per_s", "peak_mem_bytes", "ratio_vs_reference",
@@ -54,7 +54,7 @@ def test_measure_records_and_table():
 
 
 def test_graph_impl_only_for_gpu_updates():
-    from benchmarks.cases import applies, make_case
+    from lrmt_fast.bench.cases import applies, make_case
     assert applies("resnet32_update", "fused_graph", "cuda") and applies("lenet_update", "fused_graph", "cuda:0")
     assert not applies("lenet_update", "fused_graph", "cpu")
     assert not applies("lenet_train_s5", "fused_graph", "cuda")
@@ -77,7 +77,7 @@ def test_e2e_cifar_metatrain_record(tmp_path):
     both paths run the same episodes and the record says how long each took."""
     import json
 
-    from benchmarks.e2e_exp1_cifar_metatrain import main
+    from lrmt_fast.bench.e2e_exp1_cifar_metatrain import main
     out = tmp_path / "e2e.json"
     impls = "fused,reference" if ops.available("cpu") else "reference"
     assert main(["--profile", "smoke", "--synthetic", "32", "--episodes", "1", "--max-steps", "2", "--device", "cpu",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lrmt_fast.cli import main
+from lrmt_fast.config import CONFIG_DIR
 from lrmt_fast.data import cifar
 from lrmt_fast.results import REQUIRED_METHODS, load_results
 
@@ -100,7 +101,7 @@ def test_figure7_pools_every_update_of_the_plain_ours_methods_cached_or_not(env,
     """Figure 7 counts every update of every run of the "ours" methods without diagnostic
     options, also when some of those runs come from the run cache and others do not; the
     variants with ``reset_every`` / ``min_gate`` stay out of it, and ``trace`` gives gate_trace.png."""
-    with open(os.path.join(ROOT, "experiments", "configs", "exp1_cifar.json")) as f:
+    with open(os.path.join(CONFIG_DIR, "exp1_cifar.json")) as f:
         cfg = json.load(f)
     out = str(tmp_path / "run")
 
@@ -132,7 +133,7 @@ def test_figure7_pools_every_update_of_the_plain_ours_methods_cached_or_not(env,
 def test_figure7_histogram_is_saved_per_draw_and_an_interrupted_run_keeps_it(env, monkeypatch):
     """Exp 2 meta-tests several draws: the histogram is saved after each draw's "ours" runs, so
     a run interrupted in the second draw resumes without rolling the first draw's out again."""
-    import lrmt_fast.evaluate as ev
+    import lrmt_fast.pipeline as ev
     out = os.path.join(env["base"], "exp2_interrupted")
     real = ev.run_meta_test
     calls = []
@@ -191,10 +192,10 @@ def test_exp3_unseen_init_smoke(env):
 
 
 def test_paper_profiles_hold_the_papers_settings():
-    from experiments.common import resolve_profile
-    c1 = resolve_profile(os.path.join(ROOT, "experiments/configs/exp1_cifar.json"), "paper")
-    c2 = resolve_profile(os.path.join(ROOT, "experiments/configs/exp2_cifar100.json"), "paper")
-    c3 = resolve_profile(os.path.join(ROOT, "experiments/configs/exp3_unseen_init.json"), "paper")
+    from lrmt_fast.config import resolve_profile
+    c1 = resolve_profile(os.path.join(CONFIG_DIR, "exp1_cifar.json"), "paper")
+    c2 = resolve_profile(os.path.join(CONFIG_DIR, "exp2_cifar100.json"), "paper")
+    c3 = resolve_profile(os.path.join(CONFIG_DIR, "exp3_unseen_init.json"), "paper")
     m1, m2, m3 = c1["metatrain"], c2["metatrain"], c3["metatrain"]
     assert (m1["episodes"], m1["thresh_start"], m1["thresh_inc"], m1["thresh_max"], m1["bptt_start"], m1["bptt_inc"],
             m1["bptt_max"], m1["schedule_every"]) == (900, 20, 5, 30, 5, 2, 9, 300)
@@ -219,64 +220,57 @@ def test_paper_profiles_hold_the_papers_settings():
 
 def test_committed_task_a_checkpoint_serves_the_profiles_with_its_config(tmp_path, monkeypatch):
     """The committed CIFAR-5A checkpoints: the 100-epoch pretraining (its key from the profiles'
-    config and the data fingerprint it recorded; exp1 `cpu`, `cpu_lr0.03`, exp2 `cpu`) and the same
-    with the finish phase (exp1/exp2 `cpu_finish`) and with the finish phase's tail averaging
-    (exp1/exp2 `cpu_finish_avg`, `quick`, `paper`); the drivers take them where the cache has none
-    (task_a_path, base_task_a_path)."""
-    from argparse import Namespace
-
-    import experiments.exp1_cifar as E
+    config and the data fingerprint it recorded; exp1/exp2 `cpu`) and the same with the finish
+    phase and its tail averaging (exp1/exp2 `cpu_finish_avg`, `quick`, `paper`); the experiments
+    take them where the cache has none (task_a_path, base_task_a_path)."""
     import lrmt_fast.pretrain_cifar as P
-    from experiments.common import dataclass_from, resolve_profile
-    ck = torch.load(os.path.join(E.SHIPPED, "cifar5a_pretrain_paper", "cifar5a-a713399545b1.pt"),
-                    map_location="cpu", weights_only=False)
-    for exp, names in (("exp1_cifar", ("cpu", "cpu_lr0.03")), ("exp2_cifar100", ("cpu",))):
-        for name in names:
-            cfg = resolve_profile(os.path.join(ROOT, f"experiments/configs/{exp}.json"), name)
-            pcfg = dataclass_from(P.CifarPretrainConfig, cfg["pretrain"], "pretrain")
-            assert P.cache_key(pcfg, ck["data_fp"]) == ck["key"] == "a713399545b1", (exp, name)
-    assert ck["test_acc"] > 91.0
-    # the committed finish-phase checkpoints have the keys of exp1/exp2 'cpu_finish' and (averaged)
-    # 'cpu_finish_avg', 'quick' and 'paper', and start from the committed checkpoint above, which
-    # base_task_a_path finds by its key
-    avg = torch.load(os.path.join(E.SHIPPED, "cifar5a_pretrain_finish_avg", "cifar5a-c89cbb7a6ec4.pt"),
-                     map_location="cpu", weights_only=False)
-    fin = torch.load(os.path.join(E.SHIPPED, "cifar5a_pretrain_finish", "cifar5a-02c72be2b780.pt"),
-                     map_location="cpu", weights_only=False)
+    import lrmt_fast.suite.sources as S
+    from lrmt_fast.config import load_spec
+    from lrmt_fast.suite import Sources, cifar
+
+    shipped_dir = S.REPO_RESULTS
+    ck = torch.load(os.path.join(shipped_dir, "cifar5a_pretrain_paper", "cifar5a-a713399545b1.pt"),
+                    map_location="cpu", weights_only=True)
     for exp in ("exp1_cifar", "exp2_cifar100"):
-        for names, shipped in ((("cpu_finish_avg", "quick", "paper"), avg), (("cpu_finish",), fin)):
-            for name in names:
-                cfg = resolve_profile(os.path.join(ROOT, f"experiments/configs/{exp}.json"), name)
-                pcfg = dataclass_from(P.CifarPretrainConfig, cfg["pretrain"], "pretrain")
-                assert pcfg.finish_epochs > 0 and P.cache_key(pcfg, ck["data_fp"]) == shipped["key"], (exp, name)
-    assert (fin["key"], avg["key"]) == ("02c72be2b780", "c89cbb7a6ec4")
-    assert avg["base"]["key"] == ck["key"] and avg["averaged_steps"] == 390 and avg["test_acc"] > 90.0
-    assert P.cache_key(P.base_config(pcfg), ck["data_fp"]) == fin["base"]["key"] == ck["key"]
-    assert fin["data_fp"] == ck["data_fp"] and set(fin["state_dict"]) == set(ck["state_dict"])
+        pcfg = load_spec(os.path.join(CONFIG_DIR, f"{exp}.json"), "cpu", P.CifarPretrainConfig).pretrain
+        assert P.cache_key(pcfg, ck["data_fp"]) == ck["key"] == "a713399545b1", exp
+    assert ck["test_acc"] > 91.0
+    # the committed finish-phase checkpoint (averaged) has the key of 'cpu_finish_avg', 'quick' and
+    # 'paper', and starts from the committed checkpoint above, which base_task_a_path finds by its key
+    avg = torch.load(os.path.join(shipped_dir, "cifar5a_pretrain_finish_avg", "cifar5a-c89cbb7a6ec4.pt"),
+                     map_location="cpu", weights_only=True)
+    for exp in ("exp1_cifar", "exp2_cifar100"):
+        for name in ("cpu_finish_avg", "quick", "paper"):
+            pcfg = load_spec(os.path.join(CONFIG_DIR, f"{exp}.json"), name, P.CifarPretrainConfig).pretrain
+            assert pcfg.finish_epochs > 0 and P.cache_key(pcfg, ck["data_fp"]) == avg["key"], (exp, name)
+    assert avg["key"] == "c89cbb7a6ec4" and avg["base"]["key"] == ck["key"] and avg["averaged_steps"] == 390
+    assert avg["test_acc"] > 90.0 and P.cache_key(P.base_config(pcfg), ck["data_fp"]) == ck["key"]
     monkeypatch.setattr(P, "data_fingerprint", lambda task: ck["data_fp"])
-    args = Namespace(taskA_ckpt=None, cache_dir=str(tmp_path / "empty_cache"))
-    assert E.task_a_path(args, None, pcfg) == os.path.join(E.SHIPPED, "cifar5a_pretrain_finish", "cifar5a-02c72be2b780.pt")
-    assert E.base_task_a_path(args, None, pcfg) == os.path.join(E.SHIPPED, "cifar5a_pretrain_paper", "cifar5a-a713399545b1.pt")
-    assert E.base_task_a_path(args, None, P.base_config(pcfg)) is None
+    src = Sources(cache_dir=str(tmp_path / "empty_cache"))
+    assert cifar.task_a_path(src, None, pcfg) == os.path.join(shipped_dir, "cifar5a_pretrain_finish_avg",
+                                                              "cifar5a-c89cbb7a6ec4.pt")
+    assert cifar.base_task_a_path(src, None, pcfg) == os.path.join(shipped_dir, "cifar5a_pretrain_paper",
+                                                                   "cifar5a-a713399545b1.pt")
+    assert cifar.base_task_a_path(src, None, P.base_config(pcfg)) is None
     monkeypatch.undo()
     # the lookup: --taskA-ckpt first, then the cache (finished or partial), then the committed file
     name = "cifar5a-0123456789ab.pt"
     shipped = tmp_path / "results" / "cifar5a_pretrain_x"
     shipped.mkdir(parents=True)
-    monkeypatch.setattr(E, "SHIPPED", str(tmp_path / "results"))
-    monkeypatch.setattr(P, "default_path", lambda cache_dir, task, cfg: os.path.join(cache_dir, name))
+    monkeypatch.setattr(S, "REPO_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(cifar, "default_path", lambda cache_dir, task, cfg: os.path.join(cache_dir, name))
     cache = tmp_path / "cache"
-    args = Namespace(taskA_ckpt=None, cache_dir=str(cache))
-    assert E.task_a_path(args, None, None) == str(cache / name)          # nothing committed: train into the cache
+    src = Sources(cache_dir=str(cache))
+    assert cifar.task_a_path(src, None, None) == str(cache / name)          # nothing committed: train into the cache
     (shipped / name).write_bytes(b"x")
-    assert E.task_a_path(args, None, None) == str(shipped / name)
+    assert cifar.task_a_path(src, None, None) == str(shipped / name)
     cache.mkdir()
     (cache / (name + ".partial")).write_bytes(b"x")
-    assert E.task_a_path(args, None, None) == str(cache / name)          # a started pretraining goes on
+    assert cifar.task_a_path(src, None, None) == str(cache / name)          # a started pretraining goes on
     os.remove(cache / (name + ".partial"))
     (cache / name).write_bytes(b"x")
-    assert E.task_a_path(args, None, None) == str(cache / name)
-    assert E.task_a_path(Namespace(taskA_ckpt="mine.pt", cache_dir=str(cache)), None, None) == "mine.pt"
+    assert cifar.task_a_path(src, None, None) == str(cache / name)
+    assert cifar.task_a_path(Sources(task_a_ckpt="mine.pt", cache_dir=str(cache)), None, None) == "mine.pt"
 
 
 def test_data_errors_are_one_line(env, tmp_path, capsys):
@@ -290,7 +284,7 @@ def test_pretrain_cifar_command_with_a_finish_phase(env, tmp_path, capsys):
     """`lrmt pretrain-cifar` on a config whose profile adds a finish phase: the base checkpoint is
     trained into the cache under its own key, then the finish phase; both accuracies are printed.
     Bad finish settings are a one-line error."""
-    with open(os.path.join(ROOT, "experiments/configs/exp1_cifar.json")) as f:
+    with open(os.path.join(CONFIG_DIR, "exp1_cifar.json")) as f:
         conf = json.load(f)
     conf["profiles"]["smoke"].setdefault("pretrain", {}).update(finish_epochs=1, finish_lr=0.05)
     good = tmp_path / "finish.json"
@@ -340,7 +334,7 @@ def test_torchrun_two_ranks(env, tmp_path, cmd, pretrain):
 def _mnist_smoke_config(path):
     """exp1_mnist.json's smoke profile on the MNIST/FashionMNIST subset shipped in the package (no
     data root), shrunk further: a genuine exp1-mnist results.json in seconds."""
-    with open(os.path.join(ROOT, "experiments/configs/exp1_mnist.json")) as f:
+    with open(os.path.join(CONFIG_DIR, "exp1_mnist.json")) as f:
         cfg = json.load(f)
     smoke = cfg["profiles"]["smoke"]
     smoke["data"] = {**smoke.get("data", {}), "source": "subset", "max_train": 300, "max_test": 200}
@@ -386,9 +380,10 @@ def test_report_combines_cifar_and_mnist_folders(env, tmp_path, capsys):
         want = [fmt(r["methods"][m]["joint_readout"]["mean"], r["methods"][m]["joint_readout"]["sem"])
                 for r in results]
         assert rows[display_name(m)] == want, m
-    # the paper's row order, Freeze first, Teacher last among the paper's rows
-    order = [l.split("|")[1].strip() for l in lines[2:2 + len(REQUIRED_METHODS)]]
-    assert order == [display_name(m) for m in REQUIRED_METHODS]
+    # the paper's row order (with SGD x 0.5 beside SGD x 0.1), Freeze first, Teacher last
+    from lrmt_fast.results import ROW_ORDER
+    order = [l.split("|")[1].strip() for l in lines[2:2 + len(ROW_ORDER)]]
+    assert order == [display_name(m) for m in ROW_ORDER]
     assert "**exp1-mnist**" in text and "**exp3-unseen-init**" in text      # --details: each run's own table
     # a folder without results.json: one line on stderr, exit status 1
     assert main(["report", dirs[0], str(tmp_path / "nothing")]) == 1

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from lrmt_fast.distributed import DistributedError, DistSync, init_distributed, shutdown
-from lrmt_fast.metatrain import MetaTrainConfig, TensorTaskStream, _episode_gen, build_meta_learner, metatrain, schedule
+from lrmt_fast.meta_training import MetaTrainConfig, TensorTaskStream, _episode_gen, build_meta_learner, metatrain, schedule
 from lrmt_fast.steps import meta_loss, student_meta_update, teacher_sgd_step
 from lrmt_fast.student import param_dict
 
@@ -86,7 +86,7 @@ def _worker(rank, port, out_dir, result_dir, crash_at, resume, cap=None):
                                    progress=False, sync=rec, on_episode=on_episode)
             res.update(params=rec.params, flags=rec.flags, hist=hist, final=_flat(meta))
         else:   # the experiments' chunked step budget (rank 0 checkpoints, every rank in lockstep)
-            from experiments.common import metatrain_with_budget
+            from lrmt_fast.pipeline import metatrain_with_budget
             hist = metatrain_with_budget(model, _stream(model, rank), _cfg(), out_dir, resume,
                                          {"max_total_steps": cap, "chunk_episodes": 1}, progress=True,
                                          log=lambda *_: None, sync=rec)
@@ -223,7 +223,7 @@ def test_killed_run_stops_with_clear_error_and_resumes(full_run, tmp_path):
 
 
 def test_step_budget_stops_every_rank_at_the_same_chunk(full_run, tmp_path):
-    """experiments.common.metatrain_with_budget under DistSync: the ranks stop at the same chunk
+    """lrmt_fast.pipeline.metatrain_with_budget under DistSync: the ranks stop at the same chunk
     of episodes, with the theta of the uncut run at that point (chunks resume exactly)."""
     steps = [h["steps"] for h in full_run[0]["hist"]]
     cap = steps[0] + 1                               # reached by the end of the second episode

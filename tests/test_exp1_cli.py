@@ -25,6 +25,10 @@ from lrmt_fast.cli import main
 from lrmt_fast.data import write_torchvision_layout
 from lrmt_fast.results import DISPLAY, REQUIRED_METHODS, load_results, mean_sem
 
+# the smoke profile's methods: the paper's seven and SGD at half the learning rate (the trivial
+# imitation of the union-batch teacher), in the table's order
+METHODS = ["freeze", "sgd", "sgd_x0.1", "sgd_x0.5", "lwf", "ewc", "ours", "teacher"]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
 REAL_DATA = os.path.join(ROOT, "data")
@@ -65,7 +69,7 @@ def run_cli(argv):
 # the smoke profile as shipped, with one meta-test seed instead of its two (halves the time on a
 # shared 2-core CPU); aggregation over several seeds is checked by test_aggregate_over_seeds
 SEEDS = [0]
-N_RUNS = len(REQUIRED_METHODS) * len(SEEDS)
+N_RUNS = len(METHODS) * len(SEEDS)
 
 
 def smoke_args(data, out, *extra):
@@ -116,8 +120,8 @@ def fake_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, fake_data):
-    import experiments.common as common
     import lrmt_fast.evaluate as ev
+    import lrmt_fast.meta_training as common
 
     base = tmp_path_factory.mktemp("exp1")
     data = fake_data
@@ -202,8 +206,7 @@ def test_results_json_schema(smoke):
     info = cfg["data_info"]
     assert info["task_a_train"] == info["task_b_train"] == N_TRAIN and info["task_a_test"] == N_TEST
     assert info["d_b1"] == info["d_b2"] == N_TRAIN // 2
-    assert set(res["methods"]) == set(REQUIRED_METHODS) == {"freeze", "sgd", "sgd_x0.1", "lwf", "ewc", "ours",
-                                                            "teacher"}
+    assert set(res["methods"]) == set(METHODS) and set(REQUIRED_METHODS) < set(METHODS)
     for name, e in res["methods"].items():
         assert e["steps"] == [0, 10, 20], name
         for key in ("task_a_readout", "task_b_readout", "task_a_original", "task_b_head"):
@@ -250,9 +253,9 @@ def test_table_and_curves(smoke):
     assert "after 20 update steps" in lines[0]
     assert lines[2].startswith("| method | joint readout (Table 1) | Task A readout | Task B readout |")
     rows = [l for l in lines[4:] if l.startswith("| ")]
-    assert [r.split("|")[1].strip() for r in rows] == [DISPLAY[m] for m in REQUIRED_METHODS]
+    assert [r.split("|")[1].strip() for r in rows] == [DISPLAY[m] for m in METHODS]
     res = smoke["results"]
-    for r, m in zip(rows, REQUIRED_METHODS):
+    for r, m in zip(rows, METHODS):
         j = res["methods"][m]["joint_readout"]
         assert r.split("|")[2].strip().startswith(f"{j['mean']:.1f}")
     with open(os.path.join(out, "curves.png"), "rb") as f:
@@ -271,7 +274,7 @@ def test_output_and_cache_layout(smoke):
     assert sorted(os.listdir(meta_dir(out))) == ["DONE", "meta_ckpt.pt"]
     runs = run_files(out)
     assert len(runs) == N_RUNS
-    for m in REQUIRED_METHODS:
+    for m in METHODS:
         for s in SEEDS:
             assert len([f for f in runs if f.startswith(f"{m}-seed{s}-")]) == 1
     cfg = json.load(open(os.path.join(out, "config.json")))
@@ -292,7 +295,7 @@ def test_output_and_cache_layout(smoke):
 
 def test_rerun_reuses_every_cached_stage(smoke, monkeypatch):
     import lrmt_fast.evaluate as ev
-    import lrmt_fast.metatrain as mt
+    import lrmt_fast.meta_training as mt
     import lrmt_fast.pretrain as pt
 
     def fail(*a, **k):
@@ -495,7 +498,8 @@ def test_wrong_profile_name(bad_runs, tmp_path):
     assert "unknown profile 'smok'" in line and "smoke" in line and "quick" in line
     # a --config file without the profile: a ConfigError naming the choices
     cfg = tmp_path / "mine.json"
-    cfg.write_text(json.dumps({"experiment": "x", "profiles": {"tiny": {}}}))
+    cfg.write_text(json.dumps({"experiment": "x", "defaults": {"methods": {"sgd": {"kind": "sgd"}}},
+                               "profiles": {"tiny": {}}}))
     rc, _, err = run_cli(["exp1-mnist", "--profile", "smoke", "--config", str(cfg), "--data-root", "x"])
     assert rc == 1 and len(err.strip().splitlines()) == 1
     assert "unknown profile 'smoke'" in err and "tiny" in err
@@ -507,7 +511,7 @@ def test_wrong_profile_name(bad_runs, tmp_path):
 
 
 def test_profile_extends(tmp_path):
-    from experiments.common import ConfigError, resolve_profile
+    from lrmt_fast.config import ConfigError, resolve_profile
     cfg = tmp_path / "ext.json"
     base = {"metatrain": {"lr": 0.1, "max_steps": 500}, "methods": {"sgd": {"kind": "sgd"}}, "seeds": 5}
     profiles = {
@@ -533,52 +537,48 @@ def test_profile_extends(tmp_path):
         assert all(w in str(e.value) for w in words), str(e.value)
 
 
-def test_shipped_cifar_profiles_that_extend_others():
-    """The CPU and quick profiles written as 'extends' resolve to the settings their results and
-    the committed checkpoints' keys were made with."""
-    from experiments.common import resolve_profile
-    d = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
-    for f in ("exp1_cifar.json", "exp2_cifar100.json"):
-        cpu, fin, avg = (resolve_profile(os.path.join(d, f), p) for p in ("cpu", "cpu_finish", "cpu_finish_avg"))
-        assert fin["metatrain"]["max_steps"] == avg["metatrain"]["max_steps"] == 100
-        assert fin["metatrain"]["lr"] == 0.1 and fin["metatrain_budget"] == {"max_total_steps": 400, "chunk_episodes": 1}
-        assert fin["methods"] == cpu["methods"] and len(cpu["methods"]) == 7 and fin["seeds"] == 2
-        assert fin["readout"]["train_size"] == 2000 and fin["metatest"]["every"] == 100
-        assert {k: v for k, v in avg["pretrain"].items() if k != "finish_average_epochs"} == fin["pretrain"]
-        assert avg["pretrain"]["finish_average_epochs"] == 2 and "finish_average_epochs" not in fin["pretrain"]
-        quick, paper = (resolve_profile(os.path.join(d, f), p) for p in ("quick", "paper"))
-        assert quick["pretrain"] == paper["pretrain"] and quick["metatrain_budget"]["max_total_steps"] == 4000
-    def without(c, *keys):      # a resolved profile less its name and ``keys``
-        return {k: v for k, v in c.items() if k not in keys + ("profile",)}
+def test_shipped_profiles_share_their_defaults():
+    """The CIFAR configs start from cifar_base.json and differ from each other only where the paper's
+    experiments do; the CPU and quick profiles resolve to the settings their committed checkpoints'
+    keys were made with; every profile validates whole."""
+    from lrmt_fast.config import CONFIG_DIR, load_spec, profile_names, resolve_profile
+    from lrmt_fast.suite import EXPERIMENTS
 
-    e3 = os.path.join(d, "exp3_unseen_init.json")
-    fin3, avg3 = resolve_profile(e3, "cpu_finish"), resolve_profile(e3, "cpu_finish_avg")
-    assert without(avg3, "pretrain") == without(fin3, "pretrain")
-    assert avg3["pretrain"] == dict(fin3["pretrain"], finish_average_epochs=2) and fin3["pretrain"]["epochs"] == 6
-    # the meta-training budget series: only the budget (and which methods are tested) differ
-    e1 = os.path.join(d, "exp1_cifar.json")
-    avg1, x2, x4 = (resolve_profile(e1, p) for p in ("cpu_finish_avg", "cpu_finish_avg_x2", "cpu_finish_avg_x4"))
-    for x, cap, meths in ((x2, 800, ["ours"]), (x4, 1600, ["sgd", "ours"])):
-        assert x["metatrain_budget"] == {"max_total_steps": cap, "chunk_episodes": 1}
-        assert sorted(x["methods"]) == sorted(meths) and all(x["methods"][m] == avg1["methods"][m] for m in meths)
-        assert without(x, "metatrain_budget", "methods") == without(avg1, "metatrain_budget", "methods")
-    ep500 = resolve_profile(e1, "cpu_finish_avg_x4_ep500")
-    assert ep500["metatrain"] == dict(x4["metatrain"], max_steps=500) and list(ep500["methods"]) == ["ours"]
-    assert without(ep500, "metatrain", "methods") == without(x4, "metatrain", "methods")
-    tr = resolve_profile(e1, "cpu_finish_avg_x4_trace")      # x4's meta-learner, traced, and with resets
-    assert without(tr, "methods") == without(x4, "methods") and tr["methods"]["sgd"] == x4["methods"]["sgd"]
-    assert tr["methods"]["ours"] == dict(x4["methods"]["ours"], trace=True)
-    assert tr["methods"]["ours_reset100"] == dict(x4["methods"]["ours"], trace=True, reset_every=100)
-    assert tr["methods"]["ours_min_gate0"] == dict(x4["methods"]["ours"], trace=True, min_gate=0.0)
-    tr1 = resolve_profile(e1, "cpu_finish_avg_trace")      # the same for cpu_finish_avg's meta-learner
-    assert without(tr1, "methods") == without(avg1, "methods")
-    assert {k: v for k, v in tr1["methods"].items() if k != "ours_reset100"} == \
-        {k: v for k, v in tr["methods"].items() if k != "ours_reset100"}
-    for f in ("exp1_cifar.json", "exp2_cifar100.json", "exp3_unseen_init.json"):
+    for exp in EXPERIMENTS.values():
+        path = os.path.join(CONFIG_DIR, exp.config)
+        for prof in profile_names(path):
+            spec = load_spec(path, prof, exp.pretrain_cls)
+            assert spec.methods["sgd_x0.5"] == {"kind": "sgd", "lr_scale": 0.5}, (exp.name, prof)
+            assert set(REQUIRED_METHODS) <= set(spec.methods), (exp.name, prof)
+
+    def without(c, *keys):      # a resolved profile less its name and ``keys``
+        return {k: v for k, v in c.items() if k not in keys + ("profile", "experiment")}
+
+    d = CONFIG_DIR
+    e1, e2, e3 = (os.path.join(d, f) for f in ("exp1_cifar.json", "exp2_cifar100.json", "exp3_unseen_init.json"))
+    p1, p2, p3 = (resolve_profile(f, "paper") for f in (e1, e2, e3))
+    assert without(p1, "metatrain") == without(p2, "metatrain") == without(p3, "metatrain", "pool")
+    assert (p1["metatrain"]["episodes"], p1["metatrain"]["thresh_max"], p1["metatrain"]["bptt_max"]) == (900, 30, 9)
+    assert (p2["metatrain"]["episodes"], p2["metatrain"]["thresh_max"], p2["metatrain"]["bptt_max"]) == (2000, 50, 17)
+    assert p3["metatrain"] == p2["metatrain"] and p3["pool"] == {"n_train": 100, "seed0": 0}
+    assert without(p1["metatrain"], "episodes", "thresh_max", "bptt_max") == \
+        without(p2["metatrain"], "episodes", "thresh_max", "bptt_max")
+    for f in (e1, e2):
+        cpu, avg = (resolve_profile(f, p) for p in ("cpu", "cpu_finish_avg"))
+        assert avg["metatrain"]["max_steps"] == 100 and cpu["metatrain"]["max_steps"] == 500
+        assert avg["metatrain_budget"] == {"max_total_steps": 400, "chunk_episodes": 1}
+        assert avg["methods"] == cpu["methods"] and cpu["seeds"] == 2
+        assert avg["readout"]["train_size"] == 2000 and avg["metatest"]["every"] == 100
+        assert avg["pretrain"] == dict(cpu["pretrain"], finish_epochs=4, finish_lr=0.2, finish_warmup_epochs=2,
+                                       finish_average_epochs=2)
+        quick, paper = (resolve_profile(f, p) for p in ("quick", "paper"))
+        assert quick["pretrain"] == paper["pretrain"] and quick["metatrain_budget"]["max_total_steps"] == 4000
+    avg3 = resolve_profile(e3, "cpu_finish_avg")
+    assert avg3["pretrain"]["epochs"] == 6 and avg3["pretrain"]["finish_average_epochs"] == 2
+    assert avg3["pool"] == {"n_train": 2, "seed0": 0}
+    for f in (e1, e2, e3):
         for prof in ("quick", "paper"):      # the paper-scale runs trace the gate of "ours" (it only reads)
-            assert resolve_profile(os.path.join(d, f), prof)["methods"]["ours"] == {"kind": "ours", "trace": True}
-    lr03 = resolve_profile(os.path.join(d, "exp1_cifar.json"), "cpu_lr0.03")
-    assert lr03["metatrain"]["lr"] == lr03["metatest"]["lr"] == 0.03 and lr03["metatrain"]["max_steps"] == 100
+            assert resolve_profile(f, prof)["methods"]["ours"] == {"kind": "ours", "trace": True}
 
 
 @pytest.mark.parametrize("argv, status, words", [
@@ -637,61 +637,49 @@ def test_report_rebuilds_tables(smoke, tmp_path):
 
 # --------------------------------------------------------------------------- demo config and shipped subset
 def test_demo_config_loads():
-    from experiments import common, demo
-    from lrmt_fast.evaluate import MetaTestConfig
-    from lrmt_fast.metatrain import MetaTrainConfig
-    from lrmt_fast.pretrain import PretrainConfig
-    from lrmt_fast.readout import ReadoutConfig
+    from lrmt_fast.config import config_path, load_spec
+    from lrmt_fast.suite import get
 
-    cfg = common.resolve_profile(demo.CONFIG, "demo")
-    assert cfg["profile"] == "demo" and cfg["data"]["source"] == "subset"
-    assert set(REQUIRED_METHODS) <= set(cfg["methods"])
-    common.dataclass_from(PretrainConfig, cfg["pretrain"], "pretrain")
-    common.dataclass_from(MetaTestConfig, cfg["metatest"], "metatest")
-    common.dataclass_from(ReadoutConfig, cfg["readout"], "readout")
-    MetaTrainConfig.from_dict(cfg["metatrain"])
-    assert int(cfg["seeds"]) >= 1
+    exp = get("demo")
+    spec = load_spec(config_path(exp.config), "demo", exp.pretrain_cls)
+    assert spec.profile == "demo" and spec.data.source == "subset"
+    assert set(REQUIRED_METHODS) <= set(spec.methods) and spec.seeds >= 1
 
 
 def test_demo_command_wiring(tmp_path, monkeypatch):
     """`lrmt demo` hands the demo profile and the shipped subset to the shared pipeline (which is
     replaced here: the real demo takes minutes) and prints the table it gets back."""
-    import experiments.common as common
+    import lrmt_fast.pipeline as pipeline
     from lrmt_fast.results import aggregate
 
     seen = {}
 
-    def fake_pipeline(cfg, tasks, out_dir, seeds, **kw):
-        seen.update(cfg=cfg, info=tasks.describe(), out=out_dir, seeds=seeds, kw=kw)
+    def fake_pipeline(spec, exp, sources, opts):
+        seen.update(spec=spec, info=exp.load_tasks(spec, sources).describe(), out=opts.out, seeds=opts.seeds,
+                    device=opts.device)
         runs = {m: [{"seed": 0, "steps": [0, 200], "task_a_readout": [90.0, 80.0], "task_b_readout": [10.0, 70.0],
                      "task_a_original": [95.0, 60.0], "joint_readout": 55.0}] for m in REQUIRED_METHODS}
-        return {**aggregate(runs, cfg["experiment"], cfg["profile"], seeds, {}), "timings": {"total_s": 1.0}}
+        return {**aggregate(runs, spec.experiment, spec.profile, opts.seeds, {}), "timings": {"total_s": 1.0}}
 
-    monkeypatch.setattr(common, "run_two_task_pipeline", fake_pipeline)
+    monkeypatch.setattr(pipeline, "run_experiment", fake_pipeline)
     out = str(tmp_path / "demo")
     rc, printed, err = run_cli(["demo", "--out", out, "--seeds", "1", "--device", "cpu", "--no-progress"])
     assert rc == 0, err
-    assert seen["cfg"]["profile"] == "demo" and seen["cfg"]["experiment"] == "demo-mnist-fashion-subset"
+    assert seen["spec"].profile == "demo" and seen["spec"].experiment == "demo-mnist-fashion-subset"
     assert seen["info"]["source"] == "subset" and seen["info"]["task_a_train"] == 4000
-    assert seen["out"] == out and seen["seeds"] == [0] and seen["kw"]["device"] == "cpu"
+    assert seen["out"] == out and seen["seeds"] == [0] and seen["device"] == "cpu"
     assert "**demo-mnist-fashion-subset** (profile `demo`, 1 seed(s)" in printed and "| Freeze | 55.0 |" in printed
 
 
 @pytest.mark.parametrize("profile", ["smoke", "quick", "paper"])
 def test_exp1_profiles_load(profile):
-    from experiments import common, exp1_mnist
     from lrmt_fast.baselines import MethodContext, make_learner
-    from lrmt_fast.evaluate import MetaTestConfig
-    from lrmt_fast.metatrain import MetaTrainConfig
-    from lrmt_fast.pretrain import PretrainConfig
-    from lrmt_fast.readout import ReadoutConfig
+    from lrmt_fast.config import config_path, load_spec
+    from lrmt_fast.suite import get
 
-    cfg = common.resolve_profile(exp1_mnist.CONFIG, profile)
-    assert cfg["experiment"] == "exp1-mnist" and set(REQUIRED_METHODS) <= set(cfg["methods"])
-    common.dataclass_from(PretrainConfig, cfg["pretrain"], "pretrain")
-    common.dataclass_from(MetaTestConfig, cfg["metatest"], "metatest")
-    common.dataclass_from(ReadoutConfig, cfg["readout"], "readout")
-    MetaTrainConfig.from_dict(cfg["metatrain"])
+    exp = get("exp1-mnist")
+    spec = load_spec(config_path(exp.config), profile, exp.pretrain_cls)
+    assert spec.experiment == "exp1-mnist" and set(REQUIRED_METHODS) <= set(spec.methods)
     # every method spec is one make_learner accepts (options included)
     from tinynet import TinyNet, tiny_data
     from lrmt_fast.student import param_dict
@@ -700,10 +688,10 @@ def test_exp1_profiles_load(profile):
     w = param_dict(model)
     ctx = MethodContext(model, w, 0.05, xa, ya, meta=object(), fisher_samples=8)
     ctx._fisher = {k: torch.zeros_like(v) for k, v in w.items() if not k.startswith("head_")}
-    for name, spec in cfg["methods"].items():
-        if spec["kind"] == "ours":
+    for name, spec_m in spec.methods.items():
+        if spec_m["kind"] == "ours":
             continue
-        assert make_learner(spec, ctx, w, next_a=lambda: (xa, ya)).name == spec["kind"]
+        assert make_learner(spec_m, ctx, w, next_a=lambda: (xa, ya)).name == spec_m["kind"]
 
 
 def test_shipped_subset_sizes():
@@ -730,10 +718,12 @@ def test_shipped_subset_sizes():
 @pytest.mark.skipif(not all(os.path.isdir(os.path.join(REAL_DATA, d, "raw")) for d in ("MNIST", "FashionMNIST")),
                     reason=f"real MNIST/FashionMNIST not under {REAL_DATA}")
 def test_real_data_sizes():
-    from experiments import common, exp1_mnist
+    from lrmt_fast.config import config_path, load_spec
+    from lrmt_fast.suite import Sources, get
 
-    cfg = common.resolve_profile(exp1_mnist.CONFIG, "paper")
-    tasks = exp1_mnist.load_tasks(cfg, REAL_DATA, download=False)
+    exp = get("exp1-mnist")
+    spec = load_spec(config_path(exp.config), "paper", exp.pretrain_cls)
+    tasks = exp.load_tasks(spec, Sources(data_root=REAL_DATA, download=False))
     info = tasks.describe()
     assert (info["task_a_train"], info["task_a_test"], info["task_b_train"], info["task_b_test"]) == (60000, 10000,
                                                                                                       60000, 10000)

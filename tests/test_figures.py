@@ -4,7 +4,7 @@ import torch
 
 from lrmt_fast.baselines import OursLearner
 from lrmt_fast.figures import DeltaHistogram, figure6, figure7, record_deltas
-from lrmt_fast.metatrain import MetaTrainConfig, TensorTaskStream, metatrain
+from lrmt_fast.meta_training import MetaTrainConfig, TensorTaskStream, metatrain
 from lrmt_fast.steps import student_meta_update
 from lrmt_fast.student import param_dict
 

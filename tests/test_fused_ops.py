@@ -864,14 +864,14 @@ def test_cpu_pool_limit_env_is_checked():
 
 
 # ------------------------------------------------------------------------------------------
-# 20 meta-training steps through the meta-training loop (lrmt_fast.metatrain): fused (the
+# 20 meta-training steps through the meta-training loop (lrmt_fast.meta_training): fused (the
 # default implementation) == reference
 # ------------------------------------------------------------------------------------------
 def _metatrain_20(impl, dtype, device="cpu"):
     """One episode of 20 steps of Algorithm 1 (teacher SGD, student meta-update, Huber meta-loss,
-    Adam on theta, T-BPTT over 5 steps) on LeNet, run by ``lrmt_fast.metatrain.metatrain``.
+    Adam on theta, T-BPTT over 5 steps) on LeNet, run by ``lrmt_fast.meta_training.metatrain``.
     ``impl=None`` is the loop's default. The loop builds everything in the default dtype."""
-    from lrmt_fast.metatrain import MetaTrainConfig, TensorTaskStream, metatrain
+    from lrmt_fast.meta_training import MetaTrainConfig, TensorTaskStream, metatrain
     from lrmt_fast.student import param_dict
     torch.manual_seed(0)  # everything drawn in float32, then cast: the same start in both dtypes
     model = LeNet().to(dtype)
@@ -896,7 +896,7 @@ def _metatrain_20(impl, dtype, device="cpu"):
 def _loop_in_default_dtype(monkeypatch):
     """The meta-training loop entirely in the default dtype (float64 for the reference runs),
     from the same float32-drawn start in every dtype."""
-    import lrmt_fast.metatrain as mt
+    import lrmt_fast.meta_training as mt
     # run_episode calls meta.init_state(device=...) without a dtype (float32 state); let the
     # state follow the default dtype so that the whole loop runs in float64 for the reference
     orig_init = MetaLearner.init_state
@@ -1138,7 +1138,7 @@ def test_meta_train_window_follows_the_rule(model, device, _no_tf32, monkeypatch
     has a pre-ReLU value of 3e-9 in step 5, and the fused float32 result flips it). The seed
     below is one whose float64 reference keeps every pre-ReLU value of the window at least 1e-7
     away from zero; this is checked first."""
-    from benchmarks.cases import train_window_grads
+    from lrmt_fast.bench.cases import train_window_grads
     _on(device)
     seed = 5 if model == "resnet32" else 0
     smallest = []

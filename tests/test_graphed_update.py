@@ -3,7 +3,7 @@ replayed as a CUDA graph on a GPU, eager on the CPU."""
 import pytest
 import torch
 
-from benchmarks.cases import build_student
+from lrmt_fast.bench.cases import build_student
 from lrmt_fast import _ext
 from lrmt_fast.graphed_update import GraphedMetaUpdate
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lrmt_fast.checkpoint import CheckpointError
-from lrmt_fast.metatrain import MetaTrainConfig, TensorTaskStream, build_meta_learner, load_meta, metatrain, schedule
+from lrmt_fast.meta_training import MetaTrainConfig, TensorTaskStream, build_meta_learner, load_meta, metatrain, schedule
 from lrmt_fast.steps import meta_loss, student_meta_update, teacher_sgd_step
 from lrmt_fast.student import grads_and_acts, param_dict
 
@@ -149,11 +149,13 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path):
     assert bad.read_bytes() == b"not a checkpoint at all"   # nothing lost
 
 
-def test_curriculum_check_rollout_and_episode_end():
-    """experiments/curriculum_check.py: the freeze student's loss is the teacher's distance from
-    the checkpoint, a fresh meta-learner is plain SGD (equal curves), and the episode-end step is
-    where Algorithm 1 would break (NaN counts as over the threshold)."""
-    from experiments.curriculum_check import first_over, rollout
+def test_stability_check_rollout_and_episode_end():
+    """experiments/studies/stability_check.py: the freeze student's loss is the teacher's distance
+    from the checkpoint, a fresh meta-learner is plain SGD (equal curves), the teacher's CE_A is
+    recorded per step, and the episode-end step is where Algorithm 1 would break (NaN counts as
+    over the threshold)."""
+    from experiments.studies.stability_check import first_over, rollout
+    from lrmt_fast.steps import make_teacher
 
     assert first_over([1.0, 2.0, 5.0], 3.0) == 3
     assert first_over([1.0, 2.0], 3.0) is None
@@ -163,8 +165,9 @@ def test_curriculum_check_rollout_and_episode_end():
     cfg = _cfg(lr=0.2)
     stream = _stream(model)
     students = {"sgd": build_meta_learner(model, 4, 3), "meta": build_meta_learner(model, 4, 3)}
-    curves = rollout(model, students, stream, episode=0, steps=4, mcfg=cfg, seed=3)
-    assert set(curves) == {"freeze", "sgd", "meta"} and all(len(c) == 4 for c in curves.values())
+    teacher = make_teacher(cfg.teacher, model, students["sgd"])
+    curves = rollout(model, students, teacher, stream, episode=0, steps=4, mcfg=cfg, seed=3)
+    assert set(curves) == {"freeze", "sgd", "meta", "teacher_ce_a"} and all(len(c) == 4 for c in curves.values())
     torch.testing.assert_close(torch.tensor(curves["sgd"]), torch.tensor(curves["meta"]))
     # step 1 by hand: teacher's SGD step on the same batches, against the checkpoint
     gen = torch.Generator().manual_seed(3 * 1_000_003)
@@ -172,9 +175,10 @@ def test_curriculum_check_rollout_and_episode_end():
     xa, ya = ep.next_a()
     xb, yb = ep.next_b()
     w0 = dict(ep.w0)
-    teacher, _ = teacher_sgd_step(model, w0, xa, ya, xb, yb, cfg.lr)
-    expect = float(meta_loss(model, teacher, w0, torch.cat([xa, xb]), cfg.loss_coef, cfg.huber_delta))
+    teacher_w, ce_a = teacher_sgd_step(model, w0, xa, ya, xb, yb, cfg.lr)
+    expect = float(meta_loss(model, teacher_w, w0, torch.cat([xa, xb]), cfg.loss_coef, cfg.huber_delta))
     assert curves["freeze"][0] == pytest.approx(expect, rel=1e-6)
+    assert curves["teacher_ce_a"][0] == pytest.approx(ce_a, rel=1e-6)
     assert curves["freeze"][0] > 0 and curves["sgd"][0] < curves["freeze"][0]
 
 
@@ -185,8 +189,8 @@ def test_step_budget_stops_at_chunk_boundary_and_extends_from_a_seeded_checkpoin
     checkpoint (how the ``cpu_finish_avg_x4`` profile continues ``_x2``) ends where one
     uninterrupted run with the larger budget ends, bit for bit."""
     import shutil
-    from experiments.common import metatrain_with_budget
-    from lrmt_fast.metatrain import LocalSync
+    from lrmt_fast.pipeline import metatrain_with_budget
+    from lrmt_fast.meta_training import LocalSync
 
     said = []
 

@@ -356,7 +356,7 @@ def test_teacher_trains_on_the_union_of_task_a_and_task_b(setup64):
 
 
 def test_ours_needs_a_meta_learner_and_trains_head_b_by_sgd():
-    from lrmt_fast.metatrain import build_meta_learner
+    from lrmt_fast.meta_training import build_meta_learner
 
     torch.manual_seed(0)
     model = TinyNet()
@@ -381,7 +381,7 @@ def test_ours_meta_test_step_is_in_place_and_matches_the_meta_training_update(im
     """The meta-test rollout of ``ours`` updates its weights and LSTM state in place (no graph)
     and gives what the differentiable meta-training update gives, step after step."""
     from lrmt_fast import ops
-    from lrmt_fast.metatrain import build_meta_learner
+    from lrmt_fast.meta_training import build_meta_learner
     from lrmt_fast.steps import student_meta_update
 
     if impl == "fused" and not ops.available("cpu"):
@@ -425,7 +425,7 @@ def test_make_learner_rejects_unknown_kinds_and_options(setup64):
 
 @pytest.mark.parametrize("kind", ["teacher", "ours"])
 def test_momentum_is_not_silently_ignored(setup64, kind):
-    from lrmt_fast.metatrain import build_meta_learner
+    from lrmt_fast.meta_training import build_meta_learner
     model, w0, ctx, (xa, ya, _, _) = setup64
     ctx.meta = build_meta_learner(model, 4, 4)
     with pytest.raises(ValueError, match="momentum"):

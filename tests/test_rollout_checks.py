@@ -1,4 +1,4 @@
-"""experiments/drift_check.py and experiments/rounding_check.py end to end on a tiny CIFAR-shaped
+"""experiments/studies/drift_check.py and rounding_check.py end to end on a tiny CIFAR-shaped
 dataset (the smoke profile of exp1_cifar.json)."""
 import json
 import warnings
@@ -6,11 +6,10 @@ import warnings
 import pytest
 import torch
 
-from experiments import common
-from experiments import exp1_cifar as E
 from lrmt_fast import ops
+from lrmt_fast.config import config_path, load_spec
 from lrmt_fast.data import cifar
-from lrmt_fast.metatrain import MetaTrainConfig, build_meta_learner, save_meta_checkpoint
+from lrmt_fast.meta_training import build_meta_learner, save_meta_checkpoint
 from lrmt_fast.pretrain_cifar import CifarPretrainConfig, make_model
 
 
@@ -23,15 +22,19 @@ def tiny(tmp_path):
 
 
 def _args(tiny, *extra):
-    return ["--data-root", tiny["data"], "--profile", "smoke", "--cache-dir", tiny["cache"], "--no-download", *extra]
+    return ["--experiment", "exp1-cifar", "--data-root", tiny["data"], "--profile", "smoke", "--cache-dir",
+            tiny["cache"], "--cache", str(tiny["tmp"] / "studies"), "--no-download", *extra]
+
+
+def _spec():
+    return load_spec(config_path("exp1_cifar.json"), "smoke", CifarPretrainConfig)
 
 
 def _meta_ckpt(tiny, b_out):
     """A meta-learner checkpoint for the smoke network whose gate is the constant b_out."""
-    cfg = common.resolve_profile(E.CONFIG, "smoke")
-    mcfg = MetaTrainConfig.from_dict(cfg["metatrain"])
-    meta = build_meta_learner(make_model(common.dataclass_from(CifarPretrainConfig, cfg["pretrain"], "pretrain")),
-                              mcfg.hidden, mcfg.hidden_gn)
+    spec = _spec()
+    mcfg = spec.metatrain
+    meta = build_meta_learner(make_model(spec.pretrain), mcfg.hidden, mcfg.hidden_gn)
     with torch.no_grad():
         for lay in meta.layers:
             meta.learner(lay).w_out.zero_()
@@ -44,15 +47,17 @@ def _meta_ckpt(tiny, b_out):
 def _sgd_drift(tiny, steps):
     """||w_t - w_0|| / ||w_0|| over the adapted synapses after `steps` plain SGD steps of the
     "sgd" baseline from meta-test seed 0's start over its batches: computed without the trace."""
-    from argparse import Namespace
-    from experiments.drift_check import meta_test_setup
+    from experiments.studies.tools import add_task_a_arguments, prepare
     from lrmt_fast.baselines import MethodContext, make_learner
     from lrmt_fast.evaluate import run_start
     from lrmt_fast.meta_learner import find_adapted_layers, pack_rows
     from lrmt_fast.student import param_dict
-    args = Namespace(data_root=tiny["data"], cifar_check="auto", no_download=True, cache_dir=tiny["cache"],
-                     taskA_ckpt=None)
-    model, tasks, mtest = meta_test_setup(args, common.resolve_profile(E.CONFIG, "smoke"), lambda m: None)
+    import argparse
+    p = argparse.ArgumentParser()
+    add_task_a_arguments(p, "exp1-cifar", "smoke")
+    _, spec, prep = prepare(p.parse_args(_args(tiny)), log=lambda m: None)
+    model, mtest = prep.model, spec.metatest
+    tasks, _ = prep.metatest_tasks([0])[0]
     start, stream = run_start(param_dict(model), *tasks.b2, mtest, 0)
     learner = make_learner({"kind": "sgd"}, MethodContext(model, param_dict(model), mtest.lr), dict(start))
     for _ in range(steps):
@@ -66,14 +71,14 @@ def _sgd_drift(tiny, steps):
 def test_drift_check(tiny, capsys):
     """The meta-learner at init drifts exactly as the "sgd" baseline (all of it on non-negative
     gates); a meta-learner whose gate is -1 everywhere drifts only on negative gates."""
-    from experiments.drift_check import main
+    from experiments.studies.drift_check import main
     out = tiny["tmp"] / "rows.json"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rc = main(_args(tiny, "--every", "2", "--meta", _meta_ckpt(tiny, -1.0), "--out", str(out)))
     assert rc == 0
     rows = json.loads(out.read_text())
-    steps = common.resolve_profile(E.CONFIG, "smoke")["metatest"]["steps"]
+    steps = _spec().metatest.steps
     want_steps = sorted({*range(2, steps + 1, 2), steps})
     sgd = [r for r in rows if r["name"].startswith("sgd")]
     neg = [r for r in rows if r["name"].startswith("ours")]
@@ -92,7 +97,7 @@ def test_rounding_check(tiny, capsys):
     the LSTM cell states agree to rounding after the first step (one op call on the same inputs)
     and may drift apart after it (the next step's features are gradients at slightly different
     weights, normalised per group). A corrupt --meta is a one-line error."""
-    from experiments.rounding_check import main
+    from experiments.studies.rounding_check import main
     out = tiny["tmp"] / "rows.json"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

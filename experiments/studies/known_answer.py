@@ -28,14 +28,26 @@ with the targets drawn in, and the rollout), ``<case>/meta_ckpt.pt`` and ``<case
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import os
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from lrmt_fast.checkpoint import atomic_write_json, load_checkpoint
+from lrmt_fast.config import ConfigError
+from lrmt_fast.evaluate import MetaTestConfig, run_meta_test, run_start
+from lrmt_fast.meta_learner import pack_rows
+from lrmt_fast.meta_training import CKPT_NAME, MetaTrainConfig, load_meta
+from lrmt_fast.pipeline import metatrain_with_budget
+from lrmt_fast.readout import Readout, ReadoutData
+from lrmt_fast.results import mean_sem
+from lrmt_fast.steps import TeacherConfig, student_meta_update
+
+from .tools import add_task_a_arguments, prepare
 
 ROLLOUT_WINDOW = 50
 
@@ -56,7 +68,6 @@ def parse_case(name: str) -> Dict:
 
 def targets(teacher: Dict, meta) -> Dict[str, float]:
     """{layer key: the optimal gate} for a known-answer teacher."""
-    from lrmt_fast.steps import TeacherConfig
     t = TeacherConfig.from_value(teacher)
     return {lay.key: t.optimal_gate(lay.module) for lay in meta.layers}
 
@@ -119,10 +130,6 @@ def gate_rollout(model, meta, w0, xb2, yb2, steps: int, seeds: Sequence[int], lr
     head_b, D_B2 batches: :func:`lrmt_fast.evaluate.run_start`): {layer: {"mean", "abs" (mean
     |gate|), "spread", "effective" (:func:`gate_stats`): one value per step}}, each averaged
     over the seeds."""
-    from lrmt_fast.evaluate import MetaTestConfig, run_start
-    from lrmt_fast.meta_learner import pack_rows
-    from lrmt_fast.steps import student_meta_update
-
     meta = meta.requires_grad_(False)
     acc: Dict[str, Dict[str, List[float]]] = {}
     names = ("mean", "abs", "spread", "effective")
@@ -184,14 +191,9 @@ def first_reached(blocks: Dict, target: Dict[str, float], tol: float, measure: s
 
 
 # --------------------------------------------------------------------------- one case
-def run_case(name: str, model, w0, tasks, mcfg, out_dir: str, budget: int, resume: bool, progress: bool,
-             log=print):
+def run_case(name: str, model, stream, mcfg, out_dir: str, budget: int, resume: bool, progress: bool, log=print):
     """Meta-train against the case's teacher until ``budget`` meta-steps (at an episode end);
     returns (meta-learner, history, trace)."""
-    import dataclasses
-    from lrmt_fast.checkpoint import load_checkpoint
-    from lrmt_fast.metatrain import CKPT_NAME, load_meta
-    from experiments.common import FreshHeadStream, metatrain_with_budget
 
     os.makedirs(out_dir, exist_ok=True)
     trace_path = os.path.join(out_dir, "trace.json")
@@ -206,13 +208,8 @@ def run_case(name: str, model, w0, tasks, mcfg, out_dir: str, budget: int, resum
         os.remove(ckpt)
 
     def save_trace(_rec):
-        tmp = trace_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"rows": trace.rows}, f)
-        os.replace(tmp, trace_path)
+        atomic_write_json(trace_path, {"rows": trace.rows}, indent=None)
 
-    xb1, yb1 = tasks.b1
-    stream = FreshHeadStream(w0, tasks.a.train_x, tasks.a.train_y, xb1, yb1, mcfg.batch_a, mcfg.batch_b, mcfg.device)
     cfg = dataclasses.replace(mcfg, episodes=10 ** 6)
     hist = metatrain_with_budget(model, stream, cfg, out_dir, True, {"max_total_steps": budget, "chunk_episodes": 1},
                                  progress, log, on_step=trace, on_episode=save_trace)
@@ -220,18 +217,11 @@ def run_case(name: str, model, w0, tasks, mcfg, out_dir: str, budget: int, resum
     return load_meta(ckpt, device=mcfg.device), hist, trace
 
 
-def readout_compare(model, w0, tasks, meta, meta_path, profile_cfg, seeds, out_dir, progress, log=print,
-                    c: float = 0.5):
+def readout_compare(model, w0, tasks, meta, meta_path, spec, seeds, out_dir, progress, log=print, c: float = 0.5):
     """Meta-test of ``ours`` (the meta-learner trained on sgd_scaled c) and ``sgd`` at lr x c: the
     readouts at the last step, per method {task_a_readout, task_b_readout: (mean, sem)}."""
-    from experiments.common import dataclass_from
-    from lrmt_fast.evaluate import MetaTestConfig, run_meta_test
-    from lrmt_fast.readout import Readout, ReadoutConfig, ReadoutData
-    from lrmt_fast.results import mean_sem
-
-    mtest = dataclass_from(MetaTestConfig, profile_cfg.get("metatest"), "metatest")
-    rcfg = dataclass_from(ReadoutConfig, profile_cfg.get("readout"), "readout")
-    readout = Readout(model, ReadoutData(tasks, rcfg))
+    mtest = spec.metatest
+    readout = Readout(model, ReadoutData(tasks, spec.readout))
     methods = {"ours": {"kind": "ours"}, f"sgd_x{c:g}": {"kind": "sgd", "lr_scale": c}}
     runs = run_meta_test(model, w0, tasks, readout, mtest, methods, seeds, meta=meta, meta_path=meta_path,
                          cache_dir=os.path.join(out_dir, "runs"), progress=progress, log=log)
@@ -283,19 +273,10 @@ def plot(results: Dict, path: str) -> str:
 
 # --------------------------------------------------------------------------- command
 def main(argv=None) -> int:
-    from experiments import common
-    from experiments.exp1_mnist import CONFIG, load_tasks
-    from lrmt_fast.metatrain import CKPT_NAME, MetaTrainConfig
-    from lrmt_fast.pretrain import PretrainConfig, load_or_pretrain
-    from lrmt_fast.student import param_dict
-
     p = argparse.ArgumentParser(prog="python -m experiments.studies.known_answer",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default=None, help="folder with torchvision's dataset layouts (default: $LRMT_DATA)")
+    add_task_a_arguments(p, "exp1-mnist", "quick")
     p.add_argument("--out", default=os.path.join("runs", "known_answer"), help="output folder (default %(default)s)")
-    p.add_argument("--profile", default="quick", help="exp1_mnist.json profile for data, Task A and meta-training "
-                                                      "settings (default %(default)s)")
-    p.add_argument("--config", default=None, metavar="FILE", help="another config file like exp1_mnist.json")
     p.add_argument("--cases", default="scaled0.5,scaled0.2,frozen_conv2",
                    help="comma-separated: scaled<c>, frozen_<module> (default %(default)s)")
     p.add_argument("--budget", type=int, default=4000, help="meta-steps per case (stops at the episode end "
@@ -317,34 +298,34 @@ def main(argv=None) -> int:
             p.error(f"--{opt.replace('_', '-')} must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.cache = os.path.join(args.out, "cache")
     try:
         cases = {c: parse_case(c) for c in args.cases.split(",") if c}
         over = json.loads(args.metatrain)
         if not isinstance(over, dict):
             raise ValueError("--metatrain must be a JSON object")
-        cfg = common.resolve_profile(args.config or CONFIG, args.profile)
-        tasks = load_tasks(cfg, args.data_root)
-    except (ValueError, FileNotFoundError, common.ConfigError) as e:
+        _, spec, prep = prepare(args, progress=not args.no_progress)
+        base = dataclasses.asdict(spec.metatrain)
+        for k in ("impl", "device", "teacher"):
+            base.pop(k)
+        MetaTrainConfig.from_dict({**base, **over})       # checked before any run
+    except (ValueError, FileNotFoundError, ConfigError) as e:
         print(f"known_answer: error: {e}", file=sys.stderr)
         return 1
     progress = not args.no_progress
-    os.makedirs(args.out, exist_ok=True)
-    pcfg = common.dataclass_from(PretrainConfig, cfg.get("pretrain"), "pretrain")
-    model, ainfo = load_or_pretrain(os.path.join(args.out, "cache"), tasks.a, tasks.b.num_classes, pcfg, "cpu",
-                                    progress, print)
-    w0 = {k: v.detach().clone() for k, v in param_dict(model).items()}
-    mt = {**(cfg.get("metatrain") or {}), **over}
+    model, w0 = prep.model, prep.w0
+    tasks, _ = prep.metatest_tasks([0])[0]
     xb2, yb2 = tasks.b2
-    results = {"profile": args.profile, "metatrain_overrides": over, "budget": args.budget, "every": args.every,
-               "task_a_test_acc": ainfo["test_acc"], "criterion": {"tol": args.tol, "window": ROLLOUT_WINDOW,
-                                                                  "frozen_abs": 0.1}, "cases": {},
+    results = {"experiment": args.experiment, "profile": args.profile, "metatrain_overrides": over,
+               "budget": args.budget, "every": args.every, "task_a_test_acc": prep.task_a.get("test_acc"),
+               "criterion": {"tol": args.tol, "window": ROLLOUT_WINDOW, "frozen_abs": 0.1}, "cases": {},
                "threads": torch.get_num_threads()}
     for name, teacher in cases.items():
         t0 = time.time()
-        mcfg = MetaTrainConfig.from_dict({**mt, "teacher": teacher})
+        mcfg = MetaTrainConfig.from_dict({**base, **over, "teacher": teacher})
         cdir = os.path.join(args.out, name)
         print(f"== {name}: teacher {teacher}, {args.budget} meta-steps")
-        meta, hist, trace = run_case(name, model, w0, tasks, mcfg, cdir, args.budget, args.resume, progress)
+        meta, hist, trace = run_case(name, model, prep.stream, mcfg, cdir, args.budget, args.resume, progress)
         tgt = targets(teacher, meta)
         blocks = trace.blocks(args.every)
         t_train = time.time() - t0
@@ -356,7 +337,7 @@ def main(argv=None) -> int:
                  "reached_step": {m: first_reached(blocks, tgt, args.tol, m) for m in ("mean", "effective")},
                  "train_seconds": round(t_train, 1)}
         if teacher["kind"] == "sgd_scaled" and args.readout_seeds > 0:
-            entry["readouts"] = readout_compare(model, w0, tasks, meta, os.path.join(cdir, CKPT_NAME), cfg,
+            entry["readouts"] = readout_compare(model, w0, tasks, meta, os.path.join(cdir, CKPT_NAME), spec,
                                                 list(range(args.readout_seeds)), cdir, progress, c=teacher["c"])
         entry["seconds"] = round(time.time() - t0, 1)
         results["cases"][name] = entry
@@ -368,7 +349,7 @@ def main(argv=None) -> int:
             for m, r in entry["readouts"].items():
                 print(f"  {m}: Task A {r['task_a_readout'][0]:.2f} ± {r['task_a_readout'][1]:.2f}, "
                       f"Task B {r['task_b_readout'][0]:.2f} ± {r['task_b_readout'][1]:.2f}")
-        common._write_json(os.path.join(args.out, "results.json"), results)
+        atomic_write_json(os.path.join(args.out, "results.json"), results)
     plot(results, os.path.join(args.out, "known_answer.png"))
     print(f"wrote {os.path.join(args.out, 'results.json')} and known_answer.png")
     return 0

@@ -444,7 +444,7 @@ class CifarEpisode:
 
 
 class CifarTaskStream:
-    """Episodes of the CIFAR experiments (a :class:`lrmt_fast.metatrain.TaskStream`).
+    """Episodes of the CIFAR experiments (a :class:`lrmt_fast.meta_training.TaskStream`).
 
     * ``w0s``: one start checkpoint (Exp 1, 2) or the pool of training checkpoints (Exp 3;
       each episode picks one with its generator);
@@ -481,7 +481,7 @@ class CifarTaskStream:
         return self.w0s[0]
 
     def new_episode(self, episode: int, gen: torch.Generator) -> CifarEpisode:
-        from ..pretrain import fresh_head_b
+        from ..student import fresh_head_b
         info: Dict = {"episode": episode}
         ci = int(torch.randint(0, len(self.w0s), (1,), generator=gen)) if len(self.w0s) > 1 else 0
         info["checkpoint"] = ci

@@ -1,16 +1,16 @@
 """How far apart do rollouts of a meta-learner drift under float32 rounding alone?
 
-Rolls "ours" out for ``--steps`` steps on an exp1-cifar profile's Task A network (random
+Rolls "ours" out for ``--steps`` steps on a CIFAR profile's Task A network (random
 CIFAR-shaped batches, a fresh head_b, the profile's meta-test lr) three ways that compute the
 same arithmetic in a different order: the meta-test's in-place fused step (OursLearner), and
 the meta-training update (:func:`lrmt_fast.steps.student_meta_update`) on the fused and on
 the reference path. After each step it prints the largest difference of the LSTM cell states
 and of the weights between them, and the largest |c| (a saturated LSTM unit adds exactly 1 a
-step). experiments/results/exp1_cifar_cpu_finish_avg_budget/README.md ("Rounding
-sensitivity") reports what it showed for the x4 meta-learner: agreement to 1e-5 for two steps,
-then differences growing about 10^3 a step.
+step). experiments/results/archive/exp1_cifar_cpu_finish_avg_budget/README.md ("Rounding
+sensitivity") reports what it showed for the x4 meta-learner of 2026-12-05: agreement to 1e-5
+for two steps, then differences growing about 10^3 a step.
 
-    python -m experiments.rounding_check --meta runs/x4/cache/meta-*/meta_ckpt.pt
+    python -m experiments.studies.rounding_check --meta CKPT [--experiment exp1-cifar]
         [--profile cpu_finish_avg] [--steps 6] [--data-root data] [--out rows.json]
 
 Without ``--meta``, a freshly initialised meta-learner (gate 1: SGD).
@@ -23,10 +23,13 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from experiments import common
-from experiments import exp1_cifar as E
+from lrmt_fast import ops
+from lrmt_fast.baselines import OursLearner
+from lrmt_fast.meta_training import build_meta_learner, load_meta
+from lrmt_fast.steps import student_meta_update
+from lrmt_fast.student import fresh_head_b, param_dict
 
-DEFAULT_PROFILE = "cpu_finish_avg"
+from .tools import add_task_a_arguments, prepare, run_command
 
 
 def _worst(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]):
@@ -37,11 +40,6 @@ def _worst(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]):
 def rounding_rows(model, meta, lr: float, steps: int, batch: int = 64, seed: int = 0, log=print) -> List[Dict]:
     """One row per step: the largest cell-state and weight differences, in-place vs fused and
     fused vs reference, and the largest |c| (fused path)."""
-    from lrmt_fast.baselines import OursLearner
-    from lrmt_fast.steps import student_meta_update
-    from lrmt_fast.pretrain import fresh_head_b
-    from lrmt_fast.student import param_dict
-
     torch.manual_seed(seed)
     meta = meta.requires_grad_(False)
     w0 = fresh_head_b(param_dict(model), torch.Generator().manual_seed(seed + 3))
@@ -70,8 +68,9 @@ def rounding_rows(model, meta, lr: float, steps: int, batch: int = 64, seed: int
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.rounding_check", description=__doc__.split("\n\n")[0])
-    E.add_task_a_arguments(p, DEFAULT_PROFILE)
+    p = argparse.ArgumentParser(prog="python -m experiments.studies.rounding_check",
+                                description=__doc__.split("\n\n")[0])
+    add_task_a_arguments(p, "exp1-cifar", "cpu_finish_avg")
     p.add_argument("--meta", default=None, metavar="CKPT", help="a trained meta-learner (meta-training checkpoint; "
                                                                  "default: a fresh one)")
     p.add_argument("--steps", type=int, default=6, help="steps rolled out (default 6)")
@@ -80,22 +79,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         p.error("--steps and --batch must be >= 1")
-    from lrmt_fast import ops
-    from lrmt_fast.metatrain import build_meta_learner, load_meta
     if not ops.available("cpu"):
         print("rounding_check: error: the fused extension is not built (make install)", file=sys.stderr)
         return 1
 
     def compute():
-        cfg = common.resolve_profile(args.config or E.CONFIG, args.profile)
-        state, _, pcfg = E.task_a_weights(args, cfg, E.load_task_a(args, cfg), None, "cpu", False, print)
-        model = E.build_model(pcfg, state, "cpu")
-        meta = load_meta(args.meta) if args.meta else build_meta_learner(model, cfg["metatrain"]["hidden"],
-                                                                          cfg["metatrain"]["hidden_gn"])
-        return rounding_rows(model, meta, float(cfg["metatest"]["lr"]), args.steps, args.batch,
-                             log=lambda m: print(m, flush=True))
+        _, spec, prep = prepare(args)
+        model = prep.model
+        meta = load_meta(args.meta) if args.meta else build_meta_learner(model, spec.metatrain.hidden,
+                                                                          spec.metatrain.hidden_gn)
+        return rounding_rows(model, meta, spec.metatest.lr, args.steps, args.batch, log=lambda m: print(m, flush=True))
 
-    return common.run_diagnostic("rounding_check", compute, args.out)
+    return run_command("rounding_check", compute, args.out)
 
 
 if __name__ == "__main__":

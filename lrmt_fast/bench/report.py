@@ -1,4 +1,4 @@
-"""``lrmt bench`` / ``python -m benchmarks.report``: benchmark the meta-update op.
+"""``lrmt bench`` / ``python -m lrmt_fast.bench.report``: benchmark the meta-update op.
 
 Runs every case (benchmarks/cases.py) for the reference and the fused path (and the
 anchors: ``nn_lstm``, ``reference_compiled``) in this process on the same inputs, or
@@ -293,7 +293,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=HELP)
+    p = argparse.ArgumentParser(prog="python -m lrmt_fast.bench.report", description=HELP)
     add_arguments(p)
     return run(p.parse_args(argv))
 

@@ -2,8 +2,8 @@
 (ResNet-32 GN, the ``quick`` profile's meta-training settings) with the fused path against the
 reference path, in the same process on the same episodes.
 
-    python -m benchmarks.e2e_exp1_cifar_metatrain --device cuda --episodes 4 --max-steps 20
-    python -m benchmarks.e2e_exp1_cifar_metatrain --data-root data --taskA-ckpt FILE ...
+    python -m lrmt_fast.bench.e2e_exp1_cifar_metatrain --device cuda --episodes 4 --max-steps 20
+    python -m lrmt_fast.bench.e2e_exp1_cifar_metatrain --data-root data --taskA-ckpt FILE ...
 
 Without ``--data-root`` the images are random CIFAR-shaped uint8 tensors (``--synthetic N``
 per task) and, without ``--taskA-ckpt``, Task A is the seeded untrained network: the time of an
@@ -31,13 +31,14 @@ def synthetic_images(n: int, seed: int):
 
 
 def main(argv=None) -> int:
-    from experiments import common
-    from experiments.exp1_cifar import CONFIG
+    from lrmt_fast.config import config_path, load_spec, profile_names
     from lrmt_fast.data.cifar import CifarSource, CifarTaskStream, cifar5a, cifar5b, split_b
     from lrmt_fast.pretrain_cifar import CifarPretrainConfig, load_state, make_model
 
+    CONFIG = config_path("exp1_cifar.json")
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--profile", default="quick", choices=common.profile_names(CONFIG))
+    p.add_argument("--profile", default="quick", choices=profile_names(CONFIG))
     p.add_argument("--data-root", default=None, help="real CIFAR-10 (default: synthetic images)")
     p.add_argument("--synthetic", type=int, default=2048, metavar="N", help="synthetic images per task")
     p.add_argument("--taskA-ckpt", default=None, metavar="FILE", help="Task A checkpoint (default: untrained)")
@@ -50,8 +51,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = common.resolve_profile(CONFIG, a.profile)
-    pcfg = common.dataclass_from(CifarPretrainConfig, cfg["pretrain"], "pretrain")
+    spec = load_spec(CONFIG, a.profile, CifarPretrainConfig)
+    cfg, pcfg = spec.raw, spec.pretrain
     model = make_model(pcfg)
     if a.taskA_ckpt:
         model.load_state_dict(load_state(a.taskA_ckpt))

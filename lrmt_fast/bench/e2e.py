@@ -1,8 +1,8 @@
 """What the end-to-end meta-training benchmarks share: time Algorithm 1 with each path of the
 meta-update op on the same episodes, and write one record.
 
-Used by :mod:`benchmarks.e2e_exp1_metatrain` (Exp 1 MNIST) and
-:mod:`benchmarks.e2e_exp1_cifar_metatrain` (Exp 1 CIFAR).
+Used by :mod:`lrmt_fast.bench.e2e_exp1_metatrain` (Exp 1 MNIST) and
+:mod:`lrmt_fast.bench.e2e_exp1_cifar_metatrain` (Exp 1 CIFAR).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def time_impls(model, make_stream: Callable[[], object], metatrain_cfg: Dict, ep
     """Meta-train ``episodes`` episodes from the same start with each impl; one row per impl:
     episodes, inner steps, wall seconds, seconds per inner step and per episode. First, untimed,
     ``warmup_episodes`` of every impl (first-call costs: workspaces, kernels, allocator)."""
-    from lrmt_fast.metatrain import MetaTrainConfig, metatrain
+    from lrmt_fast.meta_training import MetaTrainConfig, metatrain
 
     def run(impl, n):
         mcfg = MetaTrainConfig.from_dict({**metatrain_cfg, "episodes": n, "impl": impl, "device": device,

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from benchmarks.cases import make_case
+from lrmt_fast.bench.cases import make_case
 
 
 def main(seconds: float = 20.0, warmup: int = 50):

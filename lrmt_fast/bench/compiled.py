@@ -1,6 +1,6 @@
 """The ``reference_compiled`` anchor: the reference step under ``torch.compile``.
 
-Run in a subprocess with a time limit (``python -m benchmarks.compiled CASE DEVICE``),
+Run in a subprocess with a time limit (``python -m lrmt_fast.bench.compiled CASE DEVICE``),
 because compiling the unrolled per-layer reference (inductor, C++ code generation on
 CPU) can take longer than a benchmark run should, or fail. The child prints one JSON
 line: the timing record inputs, or why there is no number (the parent writes the reason
@@ -45,7 +45,7 @@ def _child(name: str, device: str, min_time: float) -> Dict:
 def run_compiled(name: str, device: str, timeout_s: float, min_time: float = 2.0) -> Dict:
     """Times the compiled reference in a child process. Returns {"ok": True, "times": [...],
     "compile_s": ..., "peak_mem_bytes": ...} or {"ok": False, "reason": "..."}."""
-    cmd = [sys.executable, "-m", "benchmarks.compiled", name, device, str(min_time)]
+    cmd = [sys.executable, "-m", "lrmt_fast.bench.compiled", name, device, str(min_time)]
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,17 +1,18 @@
-"""How far do the trunk weights drift from Task A's during an Exp 1 CIFAR meta-test rollout?
+"""How far do the trunk weights drift from Task A's during a meta-test rollout?
 
-Rolls out, for one meta-test seed of an exp1-cifar profile, from exactly the start and over
+Rolls out, for one meta-test seed of a profile, from exactly the start and over
 exactly the D_B2 batches of that seed's meta-test (:func:`lrmt_fast.evaluate.run_start`), a
 meta-learner at its initialisation (gate 1 everywhere: exactly the "sgd" method,
 tests/test_gate_trace.py) and, with ``--meta``, a trained meta-learner, each with the gate trace
 on (lrmt_fast/gate_trace.py). Every ``--every`` steps it prints ||w_t - w_0|| / ||w_0|| over
 the adapted layers' synapses whose gate is negative and non-negative at that step, and the mean
 Task B training loss of the last ``--every`` steps. docs/cifar.md ("Why the readouts fall past
-the horizon") and experiments/results/exp1_cifar_cpu_finish_avg_budget/ report what it showed:
-SGD drifts 0.17 in 500 steps where the x4 meta-learner drifts 0.76 / 0.50.
+the horizon") and experiments/results/archive/exp1_cifar_cpu_finish_avg_budget/ report what it
+showed (2026-12-05, the summed-loss teacher): SGD drifts 0.17 in 500 steps where the x4
+meta-learner drifts 0.76 / 0.50.
 
-    python -m experiments.drift_check --data-root data [--profile cpu_finish_avg_x4_trace]
-        [--seed 0] [--meta runs/x4/cache/meta-*/meta_ckpt.pt] [--every 100] [--out rows.json]
+    python -m experiments.studies.drift_check --data-root data [--experiment exp1-cifar]
+        [--profile cpu_finish_avg] [--seed 0] [--meta CKPT] [--every 100] [--out rows.json]
 """
 from __future__ import annotations
 
@@ -21,37 +22,21 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from experiments import common
-from experiments import exp1_cifar as E
+from lrmt_fast.baselines import OursLearner
+from lrmt_fast.evaluate import run_start
+from lrmt_fast.meta_training import build_meta_learner, load_meta
 
-DEFAULT_PROFILE = "cpu_finish_avg_x4_trace"
-
-
-def meta_test_setup(args, profile_cfg: Dict, log=print):
-    """(Task A network on the CPU, TwoTasks, MetaTestConfig) of an exp1-cifar profile, as its
-    meta-test has them."""
-    from lrmt_fast.evaluate import MetaTestConfig
-    task_a = E.load_task_a(args, profile_cfg)
-    tasks = E.two_tasks(args, profile_cfg, task_a, E.load_task_b(args, profile_cfg))
-    state, _, pcfg = E.task_a_weights(args, profile_cfg, task_a, None, "cpu", False, log)
-    mtest = common.dataclass_from(MetaTestConfig, profile_cfg["metatest"], "metatest")
-    return E.build_model(pcfg, state, "cpu"), tasks, mtest
+from .tools import add_task_a_arguments, prepare, run_command
 
 
-def drift_rows(args, profile_cfg: Dict, seed: int = 0, meta_path: Optional[str] = None, every: int = 100,
-               log=print) -> List[Dict]:
+def drift_rows(args, seed: int = 0, meta_path: Optional[str] = None, every: int = 100, log=print) -> List[Dict]:
     """One row per learner and reported step: name, seed, step, drift_neg, drift_pos, and
     train_loss (the mean Task B loss of the steps since the last row)."""
-    from lrmt_fast.baselines import OursLearner
-    from lrmt_fast.evaluate import run_start
-    from lrmt_fast.metatrain import build_meta_learner, load_meta
-    from lrmt_fast.student import param_dict
-
-    cfg = profile_cfg
-    model, tasks, mtest = meta_test_setup(args, cfg, log)
-    w0 = param_dict(model)
-    metas = {"sgd (meta-learner at init)": build_meta_learner(model, cfg["metatrain"]["hidden"],
-                                                               cfg["metatrain"]["hidden_gn"])}
+    _, spec, prep = prepare(args, log=log)
+    model, w0 = prep.model, prep.w0
+    tasks, _ = prep.metatest_tasks([seed])[0]
+    mtest = spec.metatest
+    metas = {"sgd (meta-learner at init)": build_meta_learner(model, spec.metatrain.hidden, spec.metatrain.hidden_gn)}
     if meta_path:
         metas[f"ours ({meta_path})"] = load_meta(meta_path)
     rows = []
@@ -74,8 +59,9 @@ def drift_rows(args, profile_cfg: Dict, seed: int = 0, meta_path: Optional[str] 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.drift_check", description=__doc__.split("\n\n")[0])
-    E.add_task_a_arguments(p, DEFAULT_PROFILE)
+    p = argparse.ArgumentParser(prog="python -m experiments.studies.drift_check",
+                                description=__doc__.split("\n\n")[0])
+    add_task_a_arguments(p, "exp1-cifar", "cpu_finish_avg")
     p.add_argument("--seed", type=int, default=0, help="meta-test seed whose start and batches to use (default 0)")
     p.add_argument("--meta", default=None, metavar="CKPT", help="a trained meta-learner (meta-training checkpoint)")
     p.add_argument("--every", type=int, default=100, help="report every N steps (default 100)")
@@ -86,9 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--every must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    return common.run_diagnostic("drift_check", lambda: drift_rows(
-        args, common.resolve_profile(args.config or E.CONFIG, args.profile), args.seed, args.meta, args.every,
-        log=lambda m: print(m, flush=True)), args.out)
+    return run_command("drift_check", lambda: drift_rows(args, args.seed, args.meta, args.every,
+                                                        log=lambda m: print(m, flush=True)), args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ forward/backward is not part of the op and is not timed). Implementations (``IMP
 - ``nn_lstm``: anchor: the same step with the three LSTM cells run by ``torch.nn.LSTM``
   (one single-layer module per cell, ReLU between, as DESIGN.md section 2 checks);
 - ``reference_compiled``: anchor: the reference step under ``torch.compile``
-  (see :mod:`benchmarks.compiled`);
+  (see :mod:`lrmt_fast.bench.compiled`);
 - ``fused_graph`` (update cases on a GPU only, :func:`applies`): the fused update captured
   once as a CUDA graph and replayed (:class:`lrmt_fast.graphed_update.GraphedMetaUpdate`),
   each call copying the step's gradients and activations into the graph's buffers.
@@ -231,7 +231,7 @@ def make_case(name: str, impl: str, device: str = "cpu", seed: int = 0, dtype=to
     model, kind, s = parse_case(name)
     if impl not in ("reference", "fused", "nn_lstm", "fused_graph"):
         raise ValueError(f"make_case: impl must be reference, fused, nn_lstm or fused_graph (compiled: "
-                         f"benchmarks.compiled), got {impl!r}")
+                         f"lrmt_fast.bench.compiled), got {impl!r}")
     if not applies(name, impl, device):
         raise ValueError(f"make_case: {impl} is measured only for the update cases on a CUDA device, "
                          f"not {name} on {device}")

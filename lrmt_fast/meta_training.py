@@ -24,6 +24,7 @@ uninterrupted one exactly.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from torch import nn
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .meta_learner import MetaLearner, find_adapted_layers, pack_rows
 from .steps import TeacherConfig, make_teacher, meta_loss, student_meta_update
+from .student import fresh_head_b
 
 Tensor = torch.Tensor
 Batch = Tuple[Tensor, Tensor]
@@ -62,13 +64,24 @@ class MetaTrainConfig:
     hidden_gn: int = 32           # H of GroupNorm gamma / beta learners
     checkpoint_every: int = 50    # episodes
     episodes_per_step: int = 1    # K episodes in lockstep, one Adam step on their mean loss (= K ranks)
+    gate_weight_decay: float = 0.0  # decoupled weight decay of the learners' w_out (0: the paper's Adam)
     seed: int = 0
     impl: Optional[str] = None    # None/'auto' | 'reference' | 'fused'
     device: str = "cpu"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)   # lrmt_fast.steps
+    max_bad_steps: int = 20       # non-finite meta-losses or meta-gradients in a row before stopping
+
+    POSITIVE = ("episodes", "max_steps", "lr", "meta_lr", "loss_coef", "huber_delta", "bptt_start", "bptt_max",
+                "schedule_every", "batch_a", "batch_b", "hidden", "hidden_gn", "checkpoint_every",
+                "episodes_per_step", "max_bad_steps")
+    NONNEGATIVE = ("bptt_inc", "thresh_inc", "seed", "gate_weight_decay")
 
     def __post_init__(self):
         self.teacher = TeacherConfig.from_value(self.teacher)
+        if self.bptt_max < self.bptt_start:
+            raise ValueError(f"bptt_max ({self.bptt_max}) must be >= bptt_start ({self.bptt_start})")
+        if self.thresh_max < self.thresh_start:
+            raise ValueError(f"thresh_max ({self.thresh_max}) must be >= thresh_start ({self.thresh_start})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "MetaTrainConfig":
@@ -83,8 +96,9 @@ class MetaTrainConfig:
         device; the teacher as :meth:`TeacherConfig.key` (left out for the teacher of the runs
         made before the option existed, so that their caches stay recognised)."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "teacher")}
-        if self.episodes_per_step == 1:     # the runs before the option existed
-            del d["episodes_per_step"]
+        for k, v in (("episodes_per_step", 1), ("gate_weight_decay", 0.0), ("max_bad_steps", 20)):
+            if d[k] == v:                   # the runs before the option existed
+                del d[k]
         tk = self.teacher.key()
         if tk is not None:
             d["teacher"] = tk
@@ -145,6 +159,16 @@ class TensorTaskStream:
                               self.batch_a, self.batch_b, self.device, gen)
 
 
+class FreshHeadStream(TensorTaskStream):
+    """Episodes start from the Task A checkpoint with a fresh head_b drawn from the episode's
+    generator (as every meta-test run does), so the meta-learner never sees one fixed head_b."""
+
+    def new_episode(self, episode, gen):
+        ep = super().new_episode(episode, gen)
+        ep.w0 = fresh_head_b(self.w0, gen)
+        return ep
+
+
 # --------------------------------------------------------------------------- steps
 def build_meta_learner(model: nn.Module, hidden: int = 32, hidden_gn: int = 32) -> MetaLearner:
     return MetaLearner(find_adapted_layers(model, hidden=hidden, hidden_gn=hidden_gn))
@@ -203,7 +227,7 @@ def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: floa
         slots.append({"ep": ep, "teacher": {k: w0[k].clone() for k in pnames},
                       "student": {k: w0[k].clone() for k in pnames}, "state": meta.init_state(device=dev)})
     s = 0
-    total, n, last, broke = 0.0, 0, float("nan"), False
+    total, n, last, broke, nonfinite = 0.0, 0, float("nan"), False, None
     ce_a: List[float] = []
     for _t in range(cfg.max_steps):
         losses, step_ce, step_deltas = [], [], []
@@ -223,12 +247,21 @@ def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: floa
                 step_deltas.append({lay.key: (deltas[lay.key].detach(), pack_rows(seen["g"], lay))
                                     for lay in meta.layers})
         loss = losses[0] if k_eps == 1 else torch.stack(losses).mean()
+        each = [float(l.detach()) for l in losses]
+        # a non-finite meta-loss or meta-gradient never reaches Adam: the step is skipped and the
+        # episode ends (every rank decides alike: the loss flag is all-reduced, the gradients are)
+        if sync.any(not all(math.isfinite(v) for v in each)):
+            nonfinite = "loss"
+            break
         opt.zero_grad(set_to_none=True)
         loss.backward(retain_graph=True)
         sync.average_grads(meta)
+        if not grads_finite(meta):
+            opt.zero_grad(set_to_none=True)
+            nonfinite = "gradient"
+            break
         opt.step()
         s += 1
-        each = [float(l.detach()) for l in losses]
         last = sum(each) / k_eps
         if step_ce:
             ce_a.append(_sig(sum(step_ce) / len(step_ce)))
@@ -244,17 +277,45 @@ def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: floa
                 sl["student"] = {k: v.detach() for k, v in sl["student"].items()}
                 sl["state"] = meta.detach_state(sl["state"])
             s = 0
-    rec = {"steps": n, "mean_loss": total / max(n, 1), "last_loss": last, "restarted": broke}
+    rec = {"steps": n, "mean_loss": total / max(n, 1), "last_loss": last, "restarted": broke or bool(nonfinite)}
+    if nonfinite:
+        rec["nonfinite"] = nonfinite        # the step after the last counted one was skipped
     if ce_a:
         rec["teacher_ce_a"] = ce_a
         rec["teacher_ce_a_rise"] = _sig(max(ce_a) / max(ce_a[0], 1e-12))
     return rec
 
 
+def grads_finite(meta: nn.Module) -> bool:
+    """True when every gradient of ``meta`` is finite (one reduction, one host sync)."""
+    gs = [p.grad for p in meta.parameters() if p.grad is not None]
+    if not gs:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(gs))).all())
+
+
+class MetaTrainingDiverged(RuntimeError):
+    """Meta-training met only non-finite meta-losses or meta-gradients for too many steps in a row."""
+
+
+def nonfinite_streak(history: List[Dict]) -> int:
+    """Skipped (non-finite) steps in a row at the end of ``history``: each ends its episode, so the
+    streak is the trailing episodes that ended on one without a good step, plus the one before
+    them if it ended on one too."""
+    n = 0
+    for h in reversed(history):
+        if not h.get("nonfinite"):
+            break
+        n += 1
+        if h.get("steps", 0) > 0:
+            break
+    return n
+
+
 def check_teacher(rec: Dict, history: List[Dict], log: Optional[Callable[[str], None]] = None) -> Optional[str]:
     """The warning for an episode whose teacher CE_A rose past ``CE_A_RISE`` times its first
     value, once per run: only for the first such episode of ``history`` (resumes included).
-    Returns the message (also warned, and logged through ``log``), or None."""
+    Returns the message (logged through ``log`` if given, else warned), or None."""
     rise = rec.get("teacher_ce_a_rise")
     if rise is None or not rise > CE_A_RISE:
         return None
@@ -263,10 +324,11 @@ def check_teacher(rec: Dict, history: List[Dict], log: Optional[Callable[[str], 
     ce = rec["teacher_ce_a"]
     msg = (f"meta-train: the teacher is forgetting Task A: in episode {rec.get('episode')} its CE_A rose "
            f"from {ce[0]:.3g} to {max(ce):.3g} ({rise:.3g}x, above {CE_A_RISE:g}x); the lr may be past the "
-           f"Task A checkpoint's stability edge (python -m experiments.studies.curriculum_check)")
-    warnings.warn(msg, TeacherStabilityWarning, stacklevel=2)
+           f"Task A checkpoint's stability edge (python -m experiments.studies.stability_check)")
     if log:
         log(msg)
+    else:
+        warnings.warn(msg, TeacherStabilityWarning, stacklevel=2)
     return msg
 
 
@@ -274,7 +336,25 @@ def _episode_gen(cfg: MetaTrainConfig, rank: int, episode: int) -> torch.Generat
     return torch.Generator().manual_seed((cfg.seed * 1_000_003 + rank) * 1_000_033 + episode)
 
 
+def meta_optimizer(meta: MetaLearner, cfg: MetaTrainConfig) -> torch.optim.Optimizer:
+    """Adam on theta (the paper's), lr ``cfg.meta_lr``. With ``cfg.gate_weight_decay`` > 0 the
+    output weights ``w_out`` of every learner (the only path by which the gate depends on the
+    LSTM's state and inputs) also decay towards 0, decoupled from the gradient (AdamW's rule):
+    a gate that the meta-gradient does not pin down drifts back to input-independent instead of
+    random-walking (docs/method.md)."""
+    if not cfg.gate_weight_decay:
+        return torch.optim.Adam(meta.parameters(), lr=cfg.meta_lr)
+    outs = [meta.learner(l).w_out for l in meta.layers]
+    ids = {id(p) for p in outs}
+    rest = [p for p in meta.parameters() if id(p) not in ids]
+    return torch.optim.Adam([{"params": rest}, {"params": outs, "weight_decay": cfg.gate_weight_decay}],
+                            lr=cfg.meta_lr, decoupled_weight_decay=True)
+
+
 def save_meta_checkpoint(path, meta, opt, cfg, next_episode, history):
+    if not all(bool(torch.isfinite(p).all()) for p in meta.parameters()):
+        raise MetaTrainingDiverged(f"meta-training: theta is not finite at episode {next_episode}; the checkpoint "
+                                   f"{path} was not overwritten")
     atomic_save({"kind": "lrmt_meta", "meta_config": meta.config(), "meta_state": meta.state_dict(),
                  "opt_state": opt.state_dict(), "cfg": dataclasses.asdict(cfg),
                  "next_episode": next_episode, "history": history}, path)
@@ -311,7 +391,7 @@ def metatrain(model: nn.Module, stream: TaskStream, cfg: MetaTrainConfig, out_di
     model = model.to(cfg.device)
     torch.manual_seed(cfg.seed)     # theta's initialisation: identical on every rank
     meta = build_meta_learner(model, cfg.hidden, cfg.hidden_gn).to(cfg.device)
-    opt = torch.optim.Adam(meta.parameters(), lr=cfg.meta_lr)
+    opt = meta_optimizer(meta, cfg)
     history: List[Dict] = []
     start = 0
     ckpt = os.path.join(out_dir, CKPT_NAME) if out_dir else None
@@ -343,6 +423,15 @@ def metatrain(model: nn.Module, stream: TaskStream, cfg: MetaTrainConfig, out_di
         history.append(rec)
         if sync.rank == 0:
             check_teacher(rec, history, log)
+        streak = nonfinite_streak(history)
+        if streak >= cfg.max_bad_steps:
+            if bar is not None:
+                bar.close()
+            where = (f"the last good checkpoint {ckpt} is kept as it was" if ckpt and os.path.exists(ckpt)
+                     else "no checkpoint was written")
+            raise MetaTrainingDiverged(
+                f"meta-training stopped in episode {ep_i}: {streak} steps in a row had a non-finite (NaN or inf) "
+                f"meta-{rec['nonfinite']} and were skipped; {where}; lower metatrain.meta_lr / lr / loss_coef")
         if on_episode:
             on_episode(rec)
         if bar is not None:

@@ -13,7 +13,7 @@ The rule (DESIGN.md, the tests' tolerance rule): an impl may use TF32 only if it
 within 2x the error of the float32 reference with TF32 off. It also times the fused update
 both ways (CUDA events, median of 50). Writes ``benchmarks/results/<device>_tf32.json``.
 
-  python -m benchmarks.tf32_check            # on a machine with a CUDA GPU
+  python -m lrmt_fast.bench.tf32_check            # on a machine with a CUDA GPU
 """
 from __future__ import annotations
 

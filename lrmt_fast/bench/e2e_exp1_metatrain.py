@@ -1,7 +1,7 @@
 """End to end: wall time of Exp 1 MNIST meta-training (the ``quick`` profile's settings) with
 the fused path against the reference path, in the same process on the same episodes.
 
-    python -m benchmarks.e2e_exp1_metatrain --data-root data --episodes 40 [--threads 1]
+    python -m lrmt_fast.bench.e2e_exp1_metatrain --data-root data --episodes 40 [--threads 1]
 
 Both paths meta-train the same number of episodes from the same seed (the same Task A
 checkpoint, batches and curriculum; the episodes' lengths can differ only where the two
@@ -20,9 +20,10 @@ from .e2e import time_impls, write_record
 
 
 def main(argv=None) -> int:
-    from experiments import common
-    from experiments.exp1_mnist import CONFIG, load_tasks
-    from lrmt_fast.pretrain import PretrainConfig, load_or_pretrain
+    from lrmt_fast import suite
+    from lrmt_fast.config import config_path, load_spec
+    from lrmt_fast.meta_training import FreshHeadStream
+    from lrmt_fast.pretrain import load_or_pretrain
     from lrmt_fast.student import param_dict
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,18 +36,18 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = common.resolve_profile(CONFIG, "quick")
-    tasks = load_tasks(cfg, a.data_root, False)
-    pcfg = common.dataclass_from(PretrainConfig, cfg["pretrain"], "pretrain")
-    model, _ = load_or_pretrain(a.cache, tasks.a, tasks.b.num_classes, pcfg, a.device, True, print)
-    w0 = {k: v.detach().clone() for k, v in param_dict(model).items()}
+    exp = suite.get("exp1-mnist")
+    spec = load_spec(config_path(exp.config), "quick", exp.pretrain_cls)
+    cfg = spec.raw
+    tasks = exp.load_tasks(spec, suite.Sources(data_root=a.data_root, download=False))
+    model, _ = load_or_pretrain(a.cache, tasks.a, tasks.b.num_classes, spec.pretrain, a.device, True, print)
+    w0 = param_dict(model)
     xb1, yb1 = tasks.b1
     mt = cfg["metatrain"]
 
     def stream():
-        return common.FreshHeadStream(w0, tasks.a.train_x, tasks.a.train_y, xb1, yb1, int(mt.get("batch_a", 64)),
-                                      int(mt.get("batch_b", 64)),
-                                      a.device)
+        return FreshHeadStream(w0, tasks.a.train_x, tasks.a.train_y, xb1, yb1, spec.metatrain.batch_a,
+                               spec.metatrain.batch_b, a.device)
 
     rows = time_impls(model, stream, mt, a.episodes, a.device)
     cap = cfg.get("metatrain_budget", {}).get("max_total_steps")

@@ -1,5 +1,5 @@
 """Timing, memory and machine-limit measurements shared by the pytest-benchmark suite and
-``lrmt bench`` (:mod:`benchmarks.report`)."""
+``lrmt bench`` (:mod:`lrmt_fast.bench.report`)."""
 from __future__ import annotations
 
 import datetime as _dt
