@@ -1,11 +1,16 @@
 """Files against a hostile user or machine (issue 23): checkpoints that would run code when
-loaded, corrupt user files, a full disk, no permission, two writers of one file."""
+loaded, corrupt user files, a full disk, no permission, two writers of one file, and two runs
+on one output folder."""
 import builtins
 import dataclasses
 import errno
 import glob
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -275,3 +280,75 @@ def test_concurrent_atomic_save_same_path(tmp_path):
     back = C.load_checkpoint(path, ("who", "x"))
     assert torch.equal(back["x"], objs[back["who"]]["x"])
     assert os.listdir(str(tmp_path)) == ["meta_ckpt.pt"]
+
+
+# --- one run per output folder ------------------------------------------------------------
+
+_HOLDER = textwrap.dedent("""
+    import sys
+    from lrmt_fast.outdir import OutDirLock, OutDirBusyError
+    try:
+        lock = OutDirLock(sys.argv[1], command="lrmt exp1-mnist --out " + sys.argv[1]).acquire()
+    except OutDirBusyError as e:
+        print("BUSY", e, flush=True)
+        sys.exit(3)
+    print("LOCKED", flush=True)
+    sys.stdin.read()            # hold it until the test closes stdin (or kills us)
+    lock.release()
+""")
+
+
+def _start(out):
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, out], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    line = p.stdout.readline().strip()
+    return p, line
+
+
+def _try_once(out):
+    p, line = _start(out)
+    if line.startswith("LOCKED"):
+        p.stdin.close()
+        assert p.wait(30) == 0
+    else:
+        assert p.wait(30) == 3, p.stderr.read()
+    return line
+
+
+def test_out_dir_lock_between_processes(tmp_path):
+    import socket
+    out = str(tmp_path / "runs" / "x")
+    first, line = _start(out)
+    try:
+        assert line == "LOCKED", first.stderr.read()
+        other = _try_once(out)
+        assert other.startswith("BUSY"), other
+        msg = other[len("BUSY "):]
+        assert f"{out} is in use by process {first.pid} (lrmt exp1-mnist --out {out}) on host " \
+               f"{socket.gethostname()} since " in msg, msg
+        assert msg.endswith("wait for it or use another --out"), msg
+    finally:
+        first.stdin.close()
+        first.wait(30)
+    assert _try_once(out) == "LOCKED"           # released at a normal exit
+
+    killed, line = _start(out)
+    assert line == "LOCKED"
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(30)
+    assert _try_once(out) == "LOCKED"           # and when the holder is killed
+
+
+def test_out_dir_lock_in_process(tmp_path):
+    from lrmt_fast.outdir import LOCK_NAME, OutDirBusyError, OutDirLock
+    out = str(tmp_path / "o")
+    with pytest.raises(ValueError):
+        with OutDirLock(out, command="first"):
+            with pytest.raises(OutDirBusyError) as e:
+                OutDirLock(out).acquire()
+            assert f"process {os.getpid()} (first)" in str(e.value) and e.value.holder["pid"] == os.getpid()
+            raise ValueError("the run fails")
+    with OutDirLock(out) as lock:                # released by the exception
+        assert lock.held and json.load(open(os.path.join(out, LOCK_NAME)))["pid"] == os.getpid()
+    assert not lock.held and open(os.path.join(out, LOCK_NAME)).read() == ""
