@@ -15,7 +15,10 @@ collectives of the ``sync`` protocol of :mod:`lrmt_fast.meta_training`:
 At the start, rank 0's theta, optimiser state, episode counter and history
 (fresh, or from ``--resume``'s checkpoint) are broadcast to every rank
 (``sync_start``), so a resumed multi-node job needs the checkpoint only where
-rank 0 runs. Only rank 0 writes checkpoints and results.
+rank 0 runs. Only rank 0 writes checkpoints and results. Objects go between ranks as JSON
+plus raw tensor bytes (:meth:`DistSync.broadcast_object`), never as pickles, and a job on
+one node creates its own rendezvous store on 127.0.0.1 only (:func:`_loopback_store`);
+docs/distributed.md, "Security", says what still listens where.
 
 Failure: every collective runs under the process group's timeout
 (``init_process_group(timeout=...)``, ``--dist-timeout``); a collective that
@@ -27,10 +30,13 @@ other workers down and exits non-zero.
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import socket
 import sys
 import time
-from typing import Any, List, Optional, Tuple
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -112,10 +118,48 @@ class DistSync:
         return bool(t.item())
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        box: List[Any] = [obj if self.rank == src else None]
-        kw = {"device": self._coll_device()} if self.backend == "nccl" else {}
-        self._run("broadcast_object_list", dist.broadcast_object_list, box, src=src, **kw)
-        return box[0]
+        """``obj`` from rank ``src`` on every rank, sent as JSON plus raw tensor bytes, never a pickle.
+
+        ``dist.broadcast_object_list`` pickles on the sender and unpickles on the receivers, so
+        anything that can connect to the process group could make every rank run code of its
+        choosing. Here the payload is tensors and plain data only (see :func:`encode_payload`):
+        a JSON header (the structure, with each tensor's dtype and shape) and one byte buffer
+        holding the tensors, each sent with ``dist.broadcast``; receivers parse JSON and copy
+        bytes, which runs no code. Something else (an arbitrary object) raises ``TypeError``
+        naming its type and place on the sender, and, so that no rank waits for the timeout,
+        on the receivers too. ``src`` gets ``obj`` itself back; the others get tensors on the CPU
+        (on their own GPU, under NCCL, where the sender's were on a GPU)."""
+        dev = self._coll_device()
+        header, buf, error = b"", None, None
+        if self.rank == src:
+            try:
+                header, buf = encode_payload(obj, dev)
+            except Exception as e:      # tell the receivers, rather than leave them to the timeout
+                error = e
+                header = json.dumps({"error": f"{type(e).__name__}: {e}"}).encode()
+        sizes = torch.tensor([0 if error else 1, len(header), 0 if buf is None else buf.numel()]
+                             if self.rank == src else [0, 0, 0], dtype=torch.int64, device=dev)
+        self._run("broadcast(object sizes)", dist.broadcast, sizes, src=src)
+        ok, n_header, n_buf = (int(v) for v in sizes.tolist())
+        hdr = (torch.frombuffer(bytearray(header), dtype=torch.uint8).to(dev) if self.rank == src
+               else torch.empty(n_header, dtype=torch.uint8, device=dev))
+        if n_header:
+            self._run("broadcast(object header)", dist.broadcast, hdr, src=src)
+        if not ok:
+            if self.rank == src:
+                raise error
+            sent = _json_loads(hdr, src)
+            why = str(sent.get("error", "?")) if isinstance(sent, dict) else "?"
+            raise (TypeError if why.startswith("TypeError: ") else DistributedError)(
+                f"rank {src} could not send its object ({why})")
+        if self.rank == src:
+            if n_buf:
+                self._run("broadcast(object tensors)", dist.broadcast, buf, src=src)
+            return obj
+        data = torch.empty(n_buf, dtype=torch.uint8, device=dev)
+        if n_buf:
+            self._run("broadcast(object tensors)", dist.broadcast, data, src=src)
+        return decode_payload(hdr.cpu().numpy().tobytes(), data, src=src, device=self.device)
 
     def barrier(self) -> None:
         kw = {"device_ids": [self.device.index or 0]} if self.backend == "nccl" else {}
@@ -123,7 +167,10 @@ class DistSync:
 
     def sync_start(self, meta: torch.nn.Module, opt: torch.optim.Optimizer, start: int,
                    history: List[dict]) -> Tuple[int, List[dict]]:
-        """Make every rank start from rank 0's theta, optimiser state, episode and history."""
+        """Make every rank start from rank 0's theta, optimiser state, episode and history.
+
+        Sent by :meth:`broadcast_object`, so as tensors and JSON: the state dicts (Adam's with its
+        integer parameter ids, ``betas`` tuple and step tensors) round-trip exactly."""
         payload = None
         if self.rank == 0:
             payload = {"meta": {k: v.detach().cpu() for k, v in meta.state_dict().items()},
@@ -146,6 +193,161 @@ def _to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+# --- objects between ranks: JSON for the structure, raw bytes for the tensors ------------------
+
+# dtype names a peer may ask for (a header naming anything else is refused)
+_DTYPES: Dict[str, torch.dtype] = {str(d).replace("torch.", ""): d for d in vars(torch).values()
+                                   if isinstance(d, torch.dtype)}
+_PLAIN = (str, int, float, bool)
+_SENDABLE = "tensors and plain data (dict, list, tuple, str, int, float, bool, None)"
+
+
+def _type_name(x) -> str:
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+class _Encoder:
+    """Turns a payload into a JSON-able tree and a list of tensors (see :func:`encode_payload`)."""
+
+    def __init__(self):
+        self.tensors: List[torch.Tensor] = []
+        self.meta: List[dict] = []
+        self._index: Dict[int, int] = {}
+
+    def refuse(self, x, where: str):
+        raise TypeError(f"broadcast_object: cannot send {where} of type {_type_name(x)}: ranks exchange only "
+                        f"{_SENDABLE}, never pickles")
+
+    def key(self, k, where: str):
+        if k is None or type(k) in _PLAIN:
+            return k
+        self.refuse(k, f"a key of {where}")
+
+    def enc(self, x, where: str):
+        t = type(x)
+        if x is None or t in _PLAIN:      # exact types: a subclass (numpy.float64, an enum) is refused
+            return x
+        if isinstance(x, torch.Tensor):
+            return {"X": self.tensor(x, where)}
+        if t is list or t is tuple:
+            return {"L" if t is list else "T": [self.enc(v, f"{where}[{i}]") for i, v in enumerate(x)]}
+        if t is dict or t is OrderedDict:
+            node = {"D" if t is dict else "O": [[self.key(k, where), self.enc(v, f"{where}[{k!r}]")]
+                                                for k, v in x.items()]}
+            md = getattr(x, "_metadata", None)     # a module state dict's versions (load_state_dict reads them)
+            if md is not None:
+                node["m"] = self.enc(md, f"{where}._metadata")
+            return node
+        self.refuse(x, where)
+
+    def tensor(self, x: torch.Tensor, where: str) -> int:
+        if x.layout != torch.strided or x.is_quantized or getattr(x, "is_nested", False) or x.is_meta:
+            raise TypeError(f"broadcast_object: cannot send {where}, a {x.layout} {x.dtype} tensor: only dense "
+                            f"tensors are sent")
+        i = self._index.get(id(x))
+        if i is None:   # the same tensor twice (tied weights) is sent once and arrives as one tensor
+            i = self._index[id(x)] = len(self.tensors)
+            flat = x.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+            self.tensors.append(flat.view(torch.uint8))
+            self.meta.append({"dtype": str(x.dtype).replace("torch.", ""), "shape": list(x.shape),
+                              "grad": bool(x.requires_grad), "cuda": x.device.type == "cuda"})
+        return i
+
+
+def encode_payload(obj, device="cpu") -> Tuple[bytes, torch.Tensor]:
+    """``(header, buffer)`` for :meth:`DistSync.broadcast_object`: UTF-8 JSON of the structure
+    (lists, tuples, dicts with scalar keys, OrderedDicts with a state dict's ``_metadata``;
+    each tensor as its index, dtype, shape) and the tensors' bytes, concatenated, on ``device``.
+    ``TypeError`` (naming the type and where it is) for anything else."""
+    e = _Encoder()
+    try:
+        tree = e.enc(obj, "payload")
+    except RecursionError:
+        raise TypeError("broadcast_object: the payload is nested too deeply or contains itself") from None
+    header = json.dumps({"v": 1, "obj": tree, "tensors": e.meta}, allow_nan=True).encode()
+    dev = torch.device(device)
+    buf = (torch.cat([t.to(dev) for t in e.tensors]) if e.tensors
+           else torch.empty(0, dtype=torch.uint8, device=dev))
+    return header, buf
+
+
+def _json_loads(hdr: torch.Tensor, src: int):
+    try:
+        return json.loads(hdr.cpu().numpy().tobytes().decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DistributedError(f"rank {src} sent a malformed object header ({e}); is a foreign process "
+                               f"connected to the job's port?") from None
+
+
+def decode_payload(header: bytes, buf: torch.Tensor, src: int = 0, device="cpu"):
+    """The object :func:`encode_payload` described: parses JSON and copies bytes, runs no code.
+    A header that is not of that form raises :class:`DistributedError`."""
+    def bad(why: str):
+        return DistributedError(f"rank {src} sent a malformed object ({why}); is a foreign process connected "
+                                f"to the job's port?")
+    try:
+        h = json.loads(header.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise bad(f"header: {e}") from None
+    if not (type(h) is dict and h.get("v") == 1 and type(h.get("tensors")) is list):
+        raise bad("no version-1 header")
+    dev = torch.device(device)
+    cpu_buf = buf if buf.device.type == "cpu" else None
+    tensors, off = [], 0
+    for m in h["tensors"]:
+        if not (type(m) is dict and m.get("dtype") in _DTYPES and type(m.get("shape")) is list
+                and all(type(n) is int and n >= 0 for n in m["shape"])):
+            raise bad(f"tensor description {str(m)[:80]}")
+        dtype = _DTYPES[m["dtype"]]
+        numel = 1
+        for n in m["shape"]:
+            numel *= n
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if off + nbytes > buf.numel():
+            raise bad("tensors larger than the buffer")
+        if m.get("cuda") and dev.type == "cuda" and buf.device.type == "cuda":
+            part = buf[off:off + nbytes]
+        else:
+            if cpu_buf is None:
+                cpu_buf = buf.cpu()
+            part = cpu_buf[off:off + nbytes]
+        t = part.clone().view(dtype).reshape(m["shape"])   # own, aligned storage
+        if m.get("grad") and (t.is_floating_point() or t.is_complex()):
+            t.requires_grad_(True)
+        tensors.append(t)
+        off += nbytes
+    if off != buf.numel():
+        raise bad("buffer size does not match the tensors")
+
+    def dec(node):
+        if node is None or type(node) in _PLAIN:
+            return node
+        if type(node) is dict:
+            if set(node) == {"X"} and type(node["X"]) is int and 0 <= node["X"] < len(tensors):
+                return tensors[node["X"]]
+            if set(node) in ({"L"}, {"T"}) and type(next(iter(node.values()))) is list:
+                items = [dec(v) for v in next(iter(node.values()))]
+                return items if "L" in node else tuple(items)
+            kind = "D" if "D" in node else "O" if "O" in node else None
+            if kind and (set(node) == {kind} or (kind == "O" and set(node) == {"O", "m"})) \
+                    and type(node[kind]) is list:
+                out = {} if kind == "D" else OrderedDict()
+                for kv in node[kind]:
+                    if not (type(kv) is list and len(kv) == 2 and (kv[0] is None or type(kv[0]) in _PLAIN)):
+                        raise bad("dict item")
+                    out[kv[0]] = dec(kv[1])
+                if "m" in node:
+                    out._metadata = dec(node["m"])
+                return out
+        raise bad(f"node {str(node)[:80]}")
+
+    try:
+        return dec(h.get("obj"))
+    except RecursionError:
+        raise bad("nested too deeply") from None
 
 
 def init_distributed(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -174,6 +376,8 @@ def init_distributed(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S,
         try:
             store = _restart_safe_store(timeout)
             if store is None:
+                store = _loopback_store(timeout)
+            if store is None:
                 dist.init_process_group(backend, timeout=timeout)
             else:
                 dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
@@ -199,7 +403,8 @@ def _restart_safe_store(timeout: datetime.timedelta):
     restarts. On one node every worker has the same ``TORCHELASTIC_RESTART_COUNT``, so the
     attempt's keys go under a prefix of their own. Across nodes the count is kept per node and
     need not agree (an agent that restarts for a peer's failure does not count it), so there
-    the fix is the agent's: docs/distributed.md, "Several nodes"; rank 0 warns once."""
+    the fix is the agent's: docs/distributed.md, "Several nodes"; rank 0 warns once.
+    On one node (:func:`single_node`) the workers reach the agent's store over the loopback."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS",
                                                                                          "0")) <= 0:
         return None
@@ -209,9 +414,49 @@ def _restart_safe_store(timeout: datetime.timedelta):
                   "restart into a stale process group; use --rdzv-backend c10d and set "
                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (docs/distributed.md)", file=sys.stderr, flush=True)
         return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
-                          False, timeout)
+    host = LOOPBACK if single_node() else os.environ["MASTER_ADDR"]
+    store = dist.TCPStore(host, int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]), False, timeout)
     return dist.PrefixStore(f"lrmt/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def single_node() -> bool:
+    """True when every rank of the job runs on this machine (torchrun's LOCAL_WORLD_SIZE equals
+    WORLD_SIZE); False when unknown (a launcher that does not set LOCAL_WORLD_SIZE)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    return local is not None and int(local) == int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _loopback_store(timeout: datetime.timedelta):
+    """On one node, when the workers are to create the rendezvous store themselves (torchrun
+    without its agent's store, e.g. ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, or another
+    launcher that sets LOCAL_WORLD_SIZE): a TCPStore that listens on 127.0.0.1 only; else None
+    (the default ``env://`` rendezvous).
+
+    ``env://`` makes rank 0 start a TCPStore that listens on every interface (``*:MASTER_PORT``,
+    whatever MASTER_ADDR says), so any host that can reach the port could read and write the
+    job's keys while it runs. TCPStore binds no address of its own choosing, but it accepts a
+    listening socket (``master_listen_fd``): rank 0 binds one to 127.0.0.1 and hands it over,
+    the other ranks connect to 127.0.0.1. torchrun's own agent store is not ours to bind
+    (docs/distributed.md, "Security")."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or not single_node():
+        return None
+    port, world = int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"])
+    if int(os.environ["RANK"]) != 0:
+        return dist.TCPStore(LOOPBACK, port, world, False, timeout)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((LOOPBACK, port))
+        sock.listen(max(128, world))
+        store = dist.TCPStore(LOOPBACK, port, world, True, timeout, master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()       # the store's server owns the socket now
+    return store
 
 
 # Seconds the main thread sleeps (GIL released) before leaving the process group; see shutdown().
