@@ -184,6 +184,13 @@ def atomic_save(obj, path: str, *, what: str = "checkpoint") -> None:
     _atomic_write(path, lambda f: torch.save(obj, f), what, _tensor_bytes(obj))
 
 
+def atomic_save_figure(fig, path: str, dpi: int = 110) -> None:
+    """``fig.savefig(path)`` atomically (format from the extension, PNG by default); :class:`WriteError`
+    naming ``path`` on failure."""
+    fmt = os.path.splitext(path)[1].lstrip(".") or "png"
+    _atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi), "figure", 1 << 20)
+
+
 def atomic_write_text(path: str, text: str, *, what: str = "file", encoding: str = "utf-8") -> None:
     """Write ``text`` to ``path`` atomically (results, tables); :class:`WriteError` on failure."""
     data = text.encode(encoding)
@@ -261,20 +268,3 @@ def load_checkpoint(path: str, required: Iterable[str] = (), what: str = "checkp
                               f"or is from an incompatible version")
     return obj
 
-
-def atomic_write_json(path: str, obj, indent=1) -> None:
-    """``obj`` as JSON at ``path``, written to a temporary file first and moved into place."""
-    import json
-    tmp = f"{path}.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -248,7 +248,7 @@ class PretrainCifarCommand:
         pcfg = spec.pretrain if args.seed is None else dataclasses.replace(spec.pretrain, seed=args.seed)
         path = cifar.task_a_path(sources, task_a, pcfg)
         ck = pretrain_cifar(task_a, pcfg, path, device, not args.no_progress,
-                            base_path=cifar.base_task_a_path(sources, task_a, pcfg))
+                            base_path=cifar.base_task_a_path(sources, task_a, pcfg), owned=not sources.task_a_ckpt)
         if "base" in ck:
             print(f"CIFAR-5A test accuracy {ck['base']['test_acc']:.2f}% before the finish phase "
                   f"(checkpoint key {ck['base']['key']})")

@@ -24,6 +24,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .checkpoint import atomic_save_figure, atomic_write_json
+
 Tensor = torch.Tensor
 
 KIND_GROUPS = {"conv": "conv / linear", "linear": "conv / linear", "gn_weight": "GroupNorm gamma / beta",
@@ -113,10 +115,7 @@ class DeltaHistogram:
         self._acc, self._done = {}, mine
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f)
-        os.replace(tmp, path)
+        atomic_write_json(path, self.to_dict(), what="histogram", indent=None)
 
     @classmethod
     def load(cls, path: str) -> "DeltaHistogram":
@@ -279,9 +278,4 @@ def figure7(hist: DeltaHistogram, path: str, title: str = "Meta-learner outputs 
 
 
 def _save(fig, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext or '.png'}"
-    fig.savefig(tmp, dpi=130)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path, dpi=130)

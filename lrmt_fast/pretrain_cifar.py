@@ -215,7 +215,8 @@ def _train_subset(task: Task, cfg: CifarPretrainConfig) -> Tuple[Tensor, Tensor]
 
 def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu", progress: bool = True,
                    log: Callable[[str], None] = print, num_classes_b: int = 5,
-                   stop_after_epoch: Optional[int] = None, base_path: Optional[str] = None) -> Dict:
+                   stop_after_epoch: Optional[int] = None, base_path: Optional[str] = None,
+                   owned: bool = True) -> Dict:
     """Train (or resume, or reuse) the Task A checkpoint at ``path``; returns its dict.
 
     With a finish phase (``cfg.finish_epochs > 0``) the checkpoint of ``base_config(cfg)`` at
@@ -223,14 +224,16 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
     finish phase starts from it; the result records it under ``"base"``.
     ``stop_after_epoch`` ends the call after that many epochs in total of the phase it is training
     (leaving the ``.partial`` file): for tests of the resume path and for time-boxed jobs.
+    ``owned=False`` (a file the user named, ``--taskA-ckpt``): errors about it never advise deleting it.
     """
     data_fp = data_fingerprint(task)
     key = cache_key(cfg, data_fp)
     if os.path.exists(path):
-        ck = load_checkpoint(path, ("state_dict", "key", "test_acc"), "CIFAR Task A checkpoint")
+        ck = load_checkpoint(path, ("state_dict", "key", "test_acc"), "CIFAR Task A checkpoint", owned=owned)
         if ck["key"] != key:
             raise CheckpointError(f"CIFAR Task A checkpoint {path} has key {ck['key']}, expected {key} "
-                                  f"(another config or data); delete it or choose another path")
+                                  f"(another config or data); "
+                                  + ("delete it or choose another path" if owned else "choose another --taskA-ckpt"))
         return ck
     finish = cfg.finish_epochs > 0
     base = None

@@ -28,6 +28,8 @@ import math
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from .checkpoint import atomic_save_figure, atomic_write_text
+
 CURVE_KEYS = ("task_a_readout", "task_b_readout", "task_a_original")
 OPTIONAL_CURVE_KEYS = ("task_b_head",)
 # the paper's Table 1 rows, in order, with their display names
@@ -257,11 +259,10 @@ def plot_curves(res: Dict, path: str, methods: Optional[Sequence[str]] = None) -
     axes[0][1].legend(fontsize=8, loc="best")
     fig.suptitle(f"{res['experiment']} ({res['profile']}, {len(res['seeds'])} seed(s); error bars: s.e.m.)")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -277,11 +278,8 @@ def write_all(res: Dict, out_dir: str) -> Dict[str, str]:
     if traces:
         paths["gate_trace"] = os.path.join(out_dir, "gate_trace.png")
         res.setdefault("figures", {})["gate_trace"] = os.path.basename(paths["gate_trace"])
-    for key, text in (("json", json.dumps(res, indent=1) + "\n"), ("table", format_table(res))):
-        tmp = paths[key] + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, paths[key])
+    atomic_write_text(paths["json"], json.dumps(res, indent=1) + "\n", what="results file")
+    atomic_write_text(paths["table"], format_table(res), what="table")
     plot_curves(res, paths["curves"])
     if traces:
         from .gate_trace import plot_gate_traces

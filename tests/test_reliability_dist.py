@@ -127,7 +127,7 @@ def _worker(rank, port, marker, result_dir, env):
             got = broadcast_object(sync, obj if rank == 0 else None)
             res["diffs"] += _same(obj, got, name)
         # sync_start: rank 1's fresh meta-learner and Adam take rank 0's
-        from lrmt_fast.metatrain import build_meta_learner
+        from lrmt_fast.meta_training import build_meta_learner
         torch.manual_seed(rank)
         meta = build_meta_learner(TinyNet(), 4, 3)
         opt = torch.optim.Adam(meta.parameters(), lr=1e-3)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lrmt_fast import checkpoint as C
-from lrmt_fast.metatrain import MetaTrainConfig, TensorTaskStream, load_meta, metatrain
+from lrmt_fast.meta_training import MetaTrainConfig, TensorTaskStream, load_meta, metatrain
 from lrmt_fast.student import param_dict
 
 from tinynet import TinyNet, tiny_data

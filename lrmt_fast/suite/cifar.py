@@ -92,7 +92,7 @@ def task_a_weights(spec, sources: Sources, task_a: Task, opts: RunOptions):
         if os.path.exists(path) or not isinstance(opts.sync, DistSync):
             cached = os.path.exists(path)
             ck = pretrain_cifar(task_a, pcfg, path, opts.device, opts.progress, opts.log,
-                                base_path=base_task_a_path(sources, task_a, pcfg))
+                                base_path=base_task_a_path(sources, task_a, pcfg), owned=not sources.task_a_ckpt)
             if cached:
                 opts.log(f"task A: reusing {path} (test accuracy {ck['test_acc']:.2f}%)")
             payload = {"state": ck["state_dict"], "info": {"path": path, "key": ck["key"],
