@@ -292,30 +292,39 @@ def check_method(spec) -> Dict:
         raise ValueError(f"expected an object like {{\"kind\": \"sgd\"}}, got {spec!r}")
     kind = spec.get("kind")
     if kind not in METHOD_OPTIONS:
-        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+        raise ValueError(f"unknown method kind {kind!r}: expected one of {KINDS}")
     known = METHOD_OPTIONS[kind]
+    if kind in ("teacher", "ours") and "momentum" in spec:
+        raise ValueError(f"method {kind!r}: option 'momentum' is not supported (the teacher and the meta-learner "
+                         f"take plain SGD steps, as in Algorithm 1)")
+    unknown = sorted(k for k in spec if k != "kind" and k not in known and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"method {kind!r}: unknown option(s) {unknown}; its options: {sorted(known)}")
+    pre = f"method {kind!r}: "
     for k, v in spec.items():
-        if k == "kind" or k.startswith("_"):
-            continue
         if k not in known:
-            raise ValueError(f"method kind {kind!r} has no option {k!r}; its options: {', '.join(sorted(known))}")
-        types = known[k]
-        if v is None and k in ("reset_every", "min_gate"):
             continue
-        if isinstance(v, bool) and bool not in types or not isinstance(v, types):
-            raise ValueError(f"{k}: expected {'a number' if types is _NUM else types[0].__name__}, got {v!r}")
-        if types is _NUM and not math.isfinite(v):
-            raise ValueError(f"{k}: expected a finite number, got {v!r}")
-        if k in ("lr", "lr_scale", "temperature") and not v > 0:
-            raise ValueError(f"{k}: must be > 0, got {v!r}")
-        if k in ("coef",) and not v >= 0:
-            raise ValueError(f"{k}: must be >= 0, got {v!r}")
-        if k == "momentum" and not 0 <= v < 1:
-            raise ValueError(f"momentum: must be in [0, 1), got {v!r}")
-        if k == "reset_every" and not v >= 1:
-            raise ValueError(f"reset_every: must be a positive number of steps, got {v!r}")
-        if k == "loss" and v not in TEACHER_LOSSES:
-            raise ValueError(f"loss: expected one of {', '.join(TEACHER_LOSSES)}, got {v!r}")
+        if k == "reset_every":
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{pre}reset_every must be a positive integer (steps), got {v!r}")
+        elif k == "trace":
+            if not isinstance(v, bool):
+                raise ValueError(f"{pre}trace must be true or false, got {v!r}")
+        elif k == "min_gate":
+            if v is not None and (isinstance(v, bool) or not isinstance(v, _NUM) or not math.isfinite(v)):
+                raise ValueError(f"{pre}min_gate must be a finite number, got {v!r}")
+        elif k == "loss":
+            if v not in TEACHER_LOSSES:
+                raise ValueError(f"{pre}loss must be one of {list(TEACHER_LOSSES)}, got {v!r}")
+        else:       # the numeric options
+            if isinstance(v, bool) or not isinstance(v, _NUM) or not math.isfinite(v):
+                raise ValueError(f"{pre}{k} must be a finite number, got {v!r}")
+            if k in ("lr", "lr_scale", "temperature") and not v > 0:
+                raise ValueError(f"{pre}{k} must be > 0, got {v!r}")
+            if k == "coef" and not v >= 0:
+                raise ValueError(f"{pre}coef must be >= 0, got {v!r}")
+            if k == "momentum" and not 0 <= v < 1:
+                raise ValueError(f"{pre}momentum must be in [0, 1), got {v!r}")
     return spec
 
 

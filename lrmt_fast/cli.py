@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -55,6 +56,31 @@ def parse_seeds(text: str) -> List[int]:
     if n < 1 or n > 1000:
         raise argparse.ArgumentTypeError(f"invalid --seeds {text!r}: the count must be between 1 and 1000")
     return list(range(n))
+
+
+def parse_setting(text: str):
+    """``KEY=VALUE`` with a dotted key path and a JSON value (a bare word is taken as a string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE like metatrain.meta_lr=1e-4, got {text!r}")
+    try:
+        v = json.loads(value)
+    except ValueError:
+        v = value
+    return key.strip().split("."), v
+
+
+def settings_dict(settings) -> Dict:
+    """The ``--set`` overrides as one nested dict (merged over the profile like a profile is)."""
+    out: Dict = {}
+    for path, v in settings or []:
+        d = out
+        for part in path[:-1]:
+            d = d.setdefault(part, {})
+            if not isinstance(d, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {part} is set to a value and to an object")
+        d[path[-1]] = v
+    return out
 
 
 def positive_float(text: str) -> float:
@@ -111,6 +137,9 @@ class ExperimentCommand:
                        help="never let torchvision download missing data (also: LRMT_NO_DOWNLOAD=1)")
         p.add_argument("--config", default=None, metavar="FILE",
                        help=f"another config file with the structure of {os.path.basename(cfg)}")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=parse_setting,
+                       help="override one setting of the profile, e.g. --set metatrain.meta_lr=1e-4 (VALUE is "
+                            "JSON; repeatable; recorded in config.json and results.json)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         if self.exp.cifar:
             add_cifar_arguments(p)
@@ -124,7 +153,8 @@ class ExperimentCommand:
         from .outdir import OutDirLock
         from .results import format_table
 
-        spec = load_spec(args.config or config_path(self.exp.config), args.profile, self.exp.pretrain_cls)
+        spec = load_spec(args.config or config_path(self.exp.config), args.profile, self.exp.pretrain_cls,
+                         overrides=settings_dict(args.set))
         seeds = args.seeds or list(range(spec.seeds))
         device = pick_device(args.device)
         check_impl(args.impl, device)

@@ -165,12 +165,18 @@ class DataConfig:
     split_seed: int = 0                  # the even D_B1 / D_B2 split (and CIFAR's subsets)
     max_train: Optional[int] = None      # a fixed subset of each training set (smoke / quick)
     max_test: Optional[int] = None
+    # validation (lrmt_fast.data.tasks.validation_tasks): meta-train on part of D_B1, meta-test on a
+    # held-out part of it, read Task A out on held-out Task A training images: no D_B2, no test set
+    validation: bool = False
+    val_fraction: float = 0.2
 
     NONNEGATIVE = ("split_seed", "max_train", "max_test")
 
     def __post_init__(self):
         if self.source not in ("torchvision", "subset"):
             raise ValueError(f"source must be 'torchvision' or 'subset', got {self.source!r}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
 
 
 @dataclass
@@ -225,7 +231,7 @@ def spec_from_dict(d: Dict, pretrain_cls, where: str = "") -> ExperimentSpec:
     from .baselines import check_method          # baselines imports the model stack: kept local
     pre = f"{where}: " if where else ""
     try:
-        unknown = sorted(k for k in d if k not in SECTIONS and k not in ("experiment", "profile")
+        unknown = sorted(k for k in d if k not in SECTIONS and k not in ("experiment", "profile", "overrides")
                          and not k.startswith("_"))
         if unknown:
             raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
@@ -258,14 +264,15 @@ def spec_from_dict(d: Dict, pretrain_cls, where: str = "") -> ExperimentSpec:
 
 
 # --------------------------------------------------------------------------- profile files
-def deep_merge(base: Dict, over: Dict) -> Dict:
-    """``over`` merged into a copy of ``base``; nested dicts merge, ``methods`` and lists replace."""
+def deep_merge(base: Dict, over: Dict, replace: Tuple[str, ...] = ("methods",)) -> Dict:
+    """``over`` merged into a copy of ``base``; nested dicts merge, lists and the keys in ``replace``
+    (a profile's ``methods``) replace."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         if k.startswith("_"):
             continue
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "methods":
-            out[k] = deep_merge(out[k], v)
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in replace:
+            out[k] = deep_merge(out[k], v, replace)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -363,5 +370,7 @@ def load_spec(path: str, profile: str, pretrain_cls, overrides: Optional[Dict] =
     validate it whole (:func:`spec_from_dict`)."""
     d = resolve_profile(path, profile)
     if overrides:
-        d = deep_merge(d, overrides)
-    return spec_from_dict(d, pretrain_cls, where=f"{os.path.basename(path)}, profile {profile!r}")
+        d = deep_merge(d, overrides, replace=())      # --set methods.ours.trace=true changes one option
+        d["overrides"] = copy.deepcopy(overrides)
+    return spec_from_dict(d, pretrain_cls, where=f"{os.path.basename(path)}, profile {profile!r}"
+                          + (" with --set" if overrides else ""))

@@ -248,17 +248,15 @@ def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: floa
                                     for lay in meta.layers})
         loss = losses[0] if k_eps == 1 else torch.stack(losses).mean()
         each = [float(l.detach()) for l in losses]
-        # a non-finite meta-loss or meta-gradient never reaches Adam: the step is skipped and the
-        # episode ends (every rank decides alike: the loss flag is all-reduced, the gradients are)
-        if sync.any(not all(math.isfinite(v) for v in each)):
-            nonfinite = "loss"
-            break
         opt.zero_grad(set_to_none=True)
         loss.backward(retain_graph=True)
         sync.average_grads(meta)
+        # a non-finite meta-loss or meta-gradient never reaches Adam: the step is skipped and the
+        # episode ends. Every rank decides alike without another collective: a rank's NaN loss gives
+        # NaN gradients, and the all-reduced gradients are the same on every rank.
         if not grads_finite(meta):
             opt.zero_grad(set_to_none=True)
-            nonfinite = "gradient"
+            nonfinite = "loss" if not all(math.isfinite(v) for v in each) else "gradient"
             break
         opt.step()
         s += 1

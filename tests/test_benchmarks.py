@@ -95,7 +95,7 @@ def test_tf32_check_errors_on_the_cpu(capsys):
     """benchmarks/tf32_check.py: its error measures (whole-student update outputs, meta-train
     window gradients) put the fused and the reference float32 paths at float32 rounding from the
     float64 reference; without a GPU the command says so and fails."""
-    from benchmarks import tf32_check
+    from lrmt_fast.bench import tf32_check
     for fn, bound in ((tf32_check._update_outputs, 1e-5), (tf32_check._train_grads, 1e-4)):
         ref64 = fn("lenet", "cpu", torch.float64, "reference")
         for impl in ("reference", "fused"):

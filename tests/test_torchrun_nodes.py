@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from lrmt_fast.cli import main
+from lrmt_fast.config import CONFIG_DIR
 from lrmt_fast.data import cifar
 from lrmt_fast.results import REQUIRED_METHODS, load_results
 
@@ -45,7 +46,7 @@ def env(tmp_path_factory):
 
 def _config(env, episodes):
     """exp1_cifar.json's smoke profile with `episodes` meta-training episodes, a checkpoint every 5."""
-    with open(os.path.join(ROOT, "experiments/configs/exp1_cifar.json")) as f:
+    with open(os.path.join(CONFIG_DIR, "exp1_cifar.json")) as f:
         conf = json.load(f)
     smoke = conf["profiles"]["smoke"]
     smoke["metatrain"] = {**smoke["metatrain"], "episodes": episodes, "checkpoint_every": 5}

@@ -298,7 +298,7 @@ def main(argv=None) -> int:
             p.error(f"--{opt.replace('_', '-')} must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.cache = os.path.join(args.out, "cache")
+    args.cache = args.out              # the Task A network is cached in <out>/cache
     try:
         cases = {c: parse_case(c) for c in args.cases.split(",") if c}
         over = json.loads(args.metatrain)

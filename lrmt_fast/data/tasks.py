@@ -104,6 +104,33 @@ class TwoTasks:
                 "fingerprint": self.fingerprint(), **self.info}
 
 
+def validation_tasks(tasks: TwoTasks, fraction: float = 0.2, seed: int = 0) -> TwoTasks:
+    """Task pairs for choosing what the paper leaves open without touching D_B2 or a test set.
+
+    Task A: a fixed ``fraction`` of its training images becomes its test set (readout test), the rest
+    its training set. Task B: only D_B1 is used; a fixed ``fraction`` of it is held out of
+    meta-training and split evenly into the meta-test's stream (the validation "D_B2", also the Task B
+    readout's training set) and the Task B readout's test set; the rest is the validation "D_B1".
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"the validation fraction must be between 0 and 1, got {fraction}")
+    g = torch.Generator().manual_seed(10_000 + seed)
+    na = tasks.a.train_x.shape[0]
+    pa = torch.randperm(na, generator=g)
+    a_val, a_rest = pa[: int(na * fraction)].sort().values, pa[int(na * fraction):].sort().values
+    a = TaskData(tasks.a.name + "/val", tasks.a.num_classes, tasks.a.train_x[a_rest], tasks.a.train_y[a_rest],
+                 tasks.a.train_x[a_val], tasks.a.train_y[a_val], fingerprint(tasks.a.train_x[a_val][:64], a_val))
+    bx, by = tasks.b1
+    nb = bx.shape[0]
+    pb = torch.randperm(nb, generator=g)
+    held = int(nb * fraction)
+    stream, test, rest = pb[: held // 2], pb[held // 2: held], pb[held:]
+    b = TaskData(tasks.b.name + "/D_B1-val", tasks.b.num_classes, bx, by, bx[test], by[test],
+                 fingerprint(bx[test][:64], test))
+    return TwoTasks(a, b, rest.sort().values, stream.sort().values, source=tasks.source,
+                    info={**tasks.info, "validation": {"fraction": fraction, "seed": seed}})
+
+
 def _task(name: str, tr: Tuple[Tensor, Tensor], te: Tuple[Tensor, Tensor], max_train=None, max_test=None,
           seed: int = 0) -> TaskData:
     itr = fixed_subset(tr[0].shape[0], max_train, seed)

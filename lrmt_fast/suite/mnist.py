@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ..data import load_two_tasks
+from ..data.tasks import validation_tasks
 from ..meta_training import FreshHeadStream
 from ..pipeline import Prepared, RunOptions
 from ..pretrain import PretrainConfig, load_or_pretrain
@@ -32,6 +33,8 @@ class MnistExperiment:
         tasks = self.load_tasks(spec, sources)
         model, ainfo = load_or_pretrain(os.path.join(opts.out, "cache"), tasks.a, tasks.b.num_classes, spec.pretrain,
                                         opts.device, opts.progress, opts.log)
+        if spec.data.validation:    # the Task A network as in the real runs; then only held-out data
+            tasks = validation_tasks(tasks, spec.data.val_fraction, spec.data.split_seed)
         w0 = param_dict(model)
         xb1, yb1 = tasks.b1
         mt = spec.metatrain
