@@ -41,7 +41,10 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
+from .gate_trace import GateTrace
+from .meta_learner import pack_rows, unpack_rows
 from .steps import TEACHER_LOSSES, student_meta_update, teacher_sgd_step
 from .student import features, logits
 
@@ -83,7 +86,6 @@ def fisher_diagonal(model: nn.Module, params: Params, x: Tensor, keys: Optional[
                     head: str = "a", gen: Optional[torch.Generator] = None, chunk: int = 64) -> Params:
     """Diagonal Fisher E_x E_{y ~ p(y|x)} [(d log p(y|x) / dw)^2] of the parameters ``keys``
     (default: the trunk), from per-example gradients (``torch.func.vmap``) over ``x``."""
-    from torch.func import functional_call, grad, vmap
 
     keys = list(keys) if keys is not None else trunk_keys(params)
     fixed = {k: v.detach() for k, v in params.items() if k not in keys}
@@ -196,14 +198,12 @@ class OursLearner(Learner):
         self.reset_every, self.steps_done = reset_every, 0
         self.trace = None
         if trace:
-            from .gate_trace import GateTrace
             self.trace = GateTrace(w0=self.params)
         self.min_gate = None if min_gate is None else float(min_gate)
 
     def _floor_gate(self, meta, deltas, grads, params) -> Dict[str, Tensor]:
         """Turn the update just made with delta into one with max(delta, min_gate): add back
         ``lr * min(delta - min_gate, 0) * g`` in place; returns the gate in effect."""
-        from .meta_learner import pack_rows, unpack_rows
         out = {}
         for lay in meta.layers:
             d = deltas[lay.key]

@@ -27,9 +27,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from .evaluate import MetaTestConfig
+from .baselines import check_method
+from .meta_test import MetaTestConfig
 from .meta_training import MetaTrainConfig
-from .readout import ReadoutConfig
+from .linear_readout import ReadoutConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -228,7 +229,6 @@ SECTIONS = ("data", "pretrain", "metatrain", "metatrain_budget", "metatest", "re
 
 def spec_from_dict(d: Dict, pretrain_cls, where: str = "") -> ExperimentSpec:
     """Validate a resolved profile ``d`` and build its :class:`ExperimentSpec`."""
-    from .baselines import check_method          # baselines imports the model stack: kept local
     pre = f"{where}: " if where else ""
     try:
         unknown = sorted(k for k in d if k not in SECTIONS and k not in ("experiment", "profile", "overrides")

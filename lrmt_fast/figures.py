@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .checkpoint import atomic_save_figure, atomic_write_json
+from .meta_learner import MetaLearner
 
 Tensor = torch.Tensor
 
@@ -137,7 +138,6 @@ def observe_meta_updates(fn: Callable):
     gradients the update used, ``state`` the LSTM state and ``params`` the adapted weights after it. Meta-training steps (theta
     requiring grad) are not observed. The two methods are wrapped on the class for the duration
     of the block only, so the shared rollout code is observed unchanged."""
-    from .meta_learner import MetaLearner
 
     orig_step, orig_step_ = MetaLearner.step, MetaLearner.step_
     depth = {"step_": 0}
@@ -179,7 +179,7 @@ def record_deltas(hist: DeltaHistogram):
 
 # --------------------------------------------------------------------------- plots
 def _plt():
-    import matplotlib
+    import matplotlib       # only when a figure is drawn: a second of start-up for every command
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .figures import KIND_GROUPS, _plt, _save
+from .meta_learner import pack_rows
 
 Tensor = torch.Tensor
 GROUP_METRICS = ("descent_ratio", "frac_negative", "mean", "gate_change", "drift_neg", "drift_pos")
@@ -57,7 +58,6 @@ class GateTrace:
         """One update step of meta-learner ``ml``: ``deltas`` {layer key: [Cout, P]}, the
         gradients it gated, the LSTM state and the adapted weights after the step (the signature
         of :func:`lrmt_fast.figures.observe_meta_updates`' callback)."""
-        from .meta_learner import pack_rows
 
         drift = self._w0 is not None and params is not None
         acc: Dict[str, List[Tensor]] = {}

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint
@@ -408,7 +409,6 @@ def metatrain(model: nn.Module, stream: TaskStream, cfg: MetaTrainConfig, out_di
         start, history = sync.sync_start(meta, opt, start, history)
     bar = None
     if progress and sync.rank == 0:
-        from tqdm.auto import tqdm
         bar = tqdm(total=cfg.episodes, initial=start, desc="meta-train", unit="ep", dynamic_ncols=True)
     teacher_rule = make_teacher(cfg.teacher, model, meta)
     k_eps = cfg.episodes_per_step

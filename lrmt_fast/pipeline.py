@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 
 from . import results as R
@@ -36,11 +37,11 @@ from .checkpoint import atomic_write_json, load_checkpoint
 from .config import ConfigError, ExperimentSpec
 from .data.tasks import TwoTasks
 from .distributed import DistSync, broadcast_object
-from .evaluate import run_meta_test, sha_file
+from .meta_test import run_meta_test, sha_file
 from .figures import DeltaHistogram, figure6, figure7, record_deltas
 from .meta_training import CKPT_NAME, load_meta, metatrain, resume_message
 from .ops import resolve_impl
-from .readout import Readout, ReadoutData
+from .linear_readout import Readout, ReadoutData
 
 FIG6 = "fig6_curriculum.png"
 FIG7 = "fig7_delta_hist.png"
@@ -123,7 +124,6 @@ def metatrain_with_budget(model, stream, mcfg, out_dir: str, resume: bool, budge
     hist = broadcast_object(sync, hist)
     bar, lines = None, progress and main and isinstance(sync, DistSync)
     if progress and main and not lines:
-        from tqdm.auto import tqdm      # progress bars only where asked for (start-up cost)
         bar = tqdm(total=int(cap), initial=min(int(cap), sum(h["steps"] for h in hist)), desc="meta-train",
                    unit="step", dynamic_ncols=True)
     while len(hist) < mcfg.episodes and sum(h["steps"] for h in hist) < cap:
@@ -195,7 +195,7 @@ def figure7_methods(methods: Dict[str, Dict]) -> Dict[str, Dict]:
 
 def metatest_stage(spec: ExperimentSpec, prep: Prepared, tasks_list: Sequence[Tuple[TwoTasks, List[int]]],
                    meta, meta_path: Optional[str], opts: RunOptions):
-    """Every method x seed of every (task pair, seeds) (:func:`lrmt_fast.evaluate.run_meta_test`), runs
+    """Every method x seed of every (task pair, seeds) (:func:`lrmt_fast.meta_test.run_meta_test`), runs
     concatenated per method; returns (runs, DeltaHistogram of the Figure 7 methods' updates or None,
     readout description)."""
     methods, mtest = spec.methods, spec.metatest

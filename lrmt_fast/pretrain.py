@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Dict
 
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 from torch import nn
 
@@ -82,7 +83,6 @@ def pretrain(model: nn.Module, task: TaskData, cfg: PretrainConfig, device="cpu"
     stream = BatchStream(task.train_x, task.train_y, cfg.batch, gen, device=device)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=total, desc="pretrain task A", unit="step", dynamic_ncols=True, leave=False)
     history = []
     running = 0.0

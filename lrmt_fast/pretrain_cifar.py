@@ -38,12 +38,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .data.cifar import Task, augment, normalize
 from .data.tasks import fingerprint
+from .models.resnet_gn import BasicBlock
 from .models import ResNetGN, build_model
 
 Tensor = torch.Tensor
@@ -179,7 +181,6 @@ def make_model(cfg: CifarPretrainConfig, num_classes_a: int = 5, num_classes_b: 
 def zero_init_residual(model: nn.Module) -> int:
     """Set the gamma of the last GroupNorm of every residual block to 0 (each block starts as the
     identity; Goyal et al. 2017). Returns how many blocks were changed."""
-    from .models.resnet_gn import BasicBlock
     n = 0
     for m in model.modules():
         if isinstance(m, BasicBlock):
@@ -291,7 +292,6 @@ def pretrain_cifar(task: Task, cfg: CifarPretrainConfig, path: str, device="cpu"
             log(f"pretrain-cifar: ignoring {partial} (written for another config)")
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=step, desc=what, unit="step", dynamic_ncols=True, leave=False)
     model.train()
     while step < total:
@@ -398,7 +398,6 @@ def pretrain_pool(task: Task, cfg: CifarPretrainConfig, pool_dir: str, n: int, s
     out = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=len(mine), desc=f"checkpoint pool [{i_shard}/{n_shard}]", unit="ckpt",
                    dynamic_ncols=True)
     for s, p in mine:

@@ -29,6 +29,7 @@ import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from .checkpoint import atomic_save_figure, atomic_write_text
+from .gate_trace import mean_trace, plot_gate_traces
 
 CURVE_KEYS = ("task_a_readout", "task_b_readout", "task_a_original")
 OPTIONAL_CURVE_KEYS = ("task_b_head",)
@@ -63,7 +64,7 @@ def _r(x, nd=4):
 
 def aggregate(runs: Dict[str, List[Dict]], experiment: str, profile: str, seeds: Sequence[int],
               config: Dict, extra: Optional[Dict] = None) -> Dict:
-    """{method: [run per seed]} (as from :func:`lrmt_fast.evaluate.run_meta_test`) -> results dict."""
+    """{method: [run per seed]} (as from :func:`lrmt_fast.meta_test.run_meta_test`) -> results dict."""
     methods = {}
     for name, rs in runs.items():
         if not rs:
@@ -85,7 +86,6 @@ def aggregate(runs: Dict[str, List[Dict]], experiment: str, profile: str, seeds:
                           **{k: [_r(v) for v in r[k]] for k in CURVE_KEYS + OPTIONAL_CURVE_KEYS if k in r},
                           "joint_readout": _r(r["joint_readout"])} for r in rs]
         if all("gate_trace" in r for r in rs):      # "ours" with option trace (lrmt_fast.gate_trace)
-            from .gate_trace import mean_trace
             entry["gate_trace"] = mean_trace([r["gate_trace"] for r in rs])
         methods[name] = entry
     out = {"experiment": experiment, "profile": profile, "seeds": [int(s) for s in seeds], "config": config,
@@ -224,7 +224,7 @@ def plot_curves(res: Dict, path: str, methods: Optional[Sequence[str]] = None) -
     """The paper's Figure 4: Task A and Task B readout vs update steps, one line per method with
     s.e.m. error bars; top row absolute accuracy, bottom row the difference to Freeze (as the
     paper plots it). Written with matplotlib's Agg backend."""
-    import matplotlib
+    import matplotlib       # only when a figure is drawn: a second of start-up for every command
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -282,7 +282,6 @@ def write_all(res: Dict, out_dir: str) -> Dict[str, str]:
     atomic_write_text(paths["table"], format_table(res), what="table")
     plot_curves(res, paths["curves"])
     if traces:
-        from .gate_trace import plot_gate_traces
         horizon = ((res.get("config") or {}).get("metatrain") or {}).get("max_steps")
         plot_gate_traces(traces, paths["gate_trace"], horizon=horizon if isinstance(horizon, int) else None)
     return paths

@@ -120,7 +120,7 @@ def fake_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, fake_data):
-    import lrmt_fast.evaluate as ev
+    import lrmt_fast.meta_test as ev
     import lrmt_fast.meta_training as common
 
     base = tmp_path_factory.mktemp("exp1")
@@ -294,7 +294,7 @@ def test_output_and_cache_layout(smoke):
 
 
 def test_rerun_reuses_every_cached_stage(smoke, monkeypatch):
-    import lrmt_fast.evaluate as ev
+    import lrmt_fast.meta_test as ev
     import lrmt_fast.meta_training as mt
     import lrmt_fast.pretrain as pt
 
@@ -363,7 +363,7 @@ def test_corrupt_task_a_checkpoint_and_run_file(smoke, monkeypatch):
     """A truncated Task A checkpoint: one-line error naming it. After deleting it (as the message
     says) a rerun retrains Task A (same key, so the later caches stay valid) and recomputes the
     one truncated meta-test run file, and nothing else."""
-    import lrmt_fast.evaluate as ev
+    import lrmt_fast.meta_test as ev
 
     out = _copy_out(smoke, "out_corrupt")
     (ta,) = [os.path.join(out, "cache", f) for f in os.listdir(os.path.join(out, "cache")) if f.startswith("taskA-")]

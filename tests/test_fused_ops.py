@@ -752,14 +752,6 @@ def test_network_plan_and_theta_list():
     assert _same_objects(cp.theta_list(), _theta_by_name(cp)) and cp.theta_list()[0] is not ml.theta_list()[0]
 
 
-def test_ops_does_not_import_meta_learner():
-    import subprocess
-    import sys
-    code = ("import sys, lrmt_fast.ops; assert 'lrmt_fast.meta_learner' not in sys.modules, 'ops imported it'; "
-            "import lrmt_fast.meta_learner")
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
 def _alloc_bytes_under_profiler(fn):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

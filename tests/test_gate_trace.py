@@ -9,11 +9,11 @@ import torch
 
 from lrmt_fast import ops
 from lrmt_fast.baselines import MethodContext, OursLearner, make_learner
-from lrmt_fast.evaluate import MetaTestConfig, run_meta_test
+from lrmt_fast.meta_test import MetaTestConfig, run_meta_test
 from lrmt_fast.gate_trace import GateTrace, mean_trace, plot_gate_traces
 from lrmt_fast.meta_training import build_meta_learner
 from lrmt_fast.steps import student_meta_update
-from lrmt_fast.readout import Readout, ReadoutConfig, ReadoutData
+from lrmt_fast.linear_readout import Readout, ReadoutConfig, ReadoutData
 from lrmt_fast.student import grads_and_acts, param_dict
 
 from tinynet import TinyNet, tiny_data, tiny_two_tasks

@@ -1,5 +1,5 @@
-"""The readout measure (lrmt_fast.readout), the meta-test baselines (lrmt_fast.baselines) and
-the meta-test loop (lrmt_fast.evaluate) on tiny synthetic data: no datasets needed, seconds."""
+"""The readout measure (lrmt_fast.linear_readout), the meta-test baselines (lrmt_fast.baselines) and
+the meta-test loop (lrmt_fast.meta_test) on tiny synthetic data: no datasets needed, seconds."""
 
 import pytest
 import torch
@@ -9,9 +9,9 @@ from torch import nn
 from lrmt_fast.baselines import (GradientLearner, MethodContext, TeacherLearner, ce_b, ewc_penalty,
                                  fisher_diagonal, lwf_distillation, make_learner, trunk_keys)
 from lrmt_fast.data.tasks import TaskData, TwoTasks, split_even
-from lrmt_fast.evaluate import MetaTestConfig, run_meta_test
+from lrmt_fast.meta_test import MetaTestConfig, run_meta_test
 from lrmt_fast.pretrain import accuracy
-from lrmt_fast.readout import Readout, ReadoutConfig, ReadoutData, readout_accuracy, train_linear
+from lrmt_fast.linear_readout import Readout, ReadoutConfig, ReadoutData, readout_accuracy, train_linear
 from lrmt_fast.student import param_dict
 
 from tinynet import TinyNet, tiny_data, tiny_two_tasks
@@ -439,7 +439,7 @@ def test_metatest_config_checkpoints():
 
 
 def test_run_meta_test_same_batches_for_every_method_and_cache(tmp_path, monkeypatch):
-    import lrmt_fast.evaluate as ev
+    import lrmt_fast.meta_test as ev
 
     torch.manual_seed(0)
     model = TinyNet()

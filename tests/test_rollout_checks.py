@@ -49,7 +49,7 @@ def _sgd_drift(tiny, steps):
     "sgd" baseline from meta-test seed 0's start over its batches: computed without the trace."""
     from experiments.studies.tools import add_task_a_arguments, prepare
     from lrmt_fast.baselines import MethodContext, make_learner
-    from lrmt_fast.evaluate import run_start
+    from lrmt_fast.meta_test import run_start
     from lrmt_fast.meta_learner import find_adapted_layers, pack_rows
     from lrmt_fast.student import param_dict
     import argparse

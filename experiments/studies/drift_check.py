@@ -1,7 +1,7 @@
 """How far do the trunk weights drift from Task A's during a meta-test rollout?
 
 Rolls out, for one meta-test seed of a profile, from exactly the start and over
-exactly the D_B2 batches of that seed's meta-test (:func:`lrmt_fast.evaluate.run_start`), a
+exactly the D_B2 batches of that seed's meta-test (:func:`lrmt_fast.meta_test.run_start`), a
 meta-learner at its initialisation (gate 1 everywhere: exactly the "sgd" method,
 tests/test_gate_trace.py) and, with ``--meta``, a trained meta-learner, each with the gate trace
 on (lrmt_fast/gate_trace.py). Every ``--every`` steps it prints ||w_t - w_0|| / ||w_0|| over
@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from lrmt_fast.baselines import OursLearner
-from lrmt_fast.evaluate import run_start
+from lrmt_fast.meta_test import run_start
 from lrmt_fast.meta_training import build_meta_learner, load_meta
 
 from .tools import add_task_a_arguments, prepare, run_command

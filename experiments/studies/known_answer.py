@@ -39,11 +39,11 @@ import torch
 
 from lrmt_fast.checkpoint import atomic_write_json, load_checkpoint
 from lrmt_fast.config import ConfigError
-from lrmt_fast.evaluate import MetaTestConfig, run_meta_test, run_start
+from lrmt_fast.meta_test import MetaTestConfig, run_meta_test, run_start
 from lrmt_fast.meta_learner import pack_rows
 from lrmt_fast.meta_training import CKPT_NAME, MetaTrainConfig, load_meta
 from lrmt_fast.pipeline import metatrain_with_budget
-from lrmt_fast.readout import Readout, ReadoutData
+from lrmt_fast.linear_readout import Readout, ReadoutData
 from lrmt_fast.results import mean_sem
 from lrmt_fast.steps import TeacherConfig, student_meta_update
 
@@ -127,7 +127,7 @@ def _mean(xs):
 def gate_rollout(model, meta, w0, xb2, yb2, steps: int, seeds: Sequence[int], lr: float, batch: int = 64,
                  impl: Optional[str] = None) -> Dict[str, Dict[str, List[float]]]:
     """The learned meta-learner rolled out for ``steps`` meta-test updates per seed (fresh
-    head_b, D_B2 batches: :func:`lrmt_fast.evaluate.run_start`): {layer: {"mean", "abs" (mean
+    head_b, D_B2 batches: :func:`lrmt_fast.meta_test.run_start`): {layer: {"mean", "abs" (mean
     |gate|), "spread", "effective" (:func:`gate_stats`): one value per step}}, each averaged
     over the seeds."""
     meta = meta.requires_grad_(False)

@@ -43,7 +43,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..student import fresh_head_b
 from .sources import DataNotFoundError, _socket_timeout, download_allowed
+from .tasks import TaskData, fingerprint
 
 Tensor = torch.Tensor
 
@@ -106,7 +108,7 @@ def _unchecked(base):
 
 
 def _tv_class(name: str):
-    from torchvision import datasets
+    from torchvision import datasets    # only when a dataset is read: torchvision's import is slow
     return datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
 
 
@@ -131,7 +133,7 @@ def md5_ok(name: str, root: str) -> bool:
     cls = _tv_class(name)
     obj = cls.__new__(cls)     # run torchvision's own check without loading the data
     obj.root = root
-    from torchvision.datasets.utils import check_integrity
+    from torchvision.datasets.utils import check_integrity    # (as above)
     if not cls._check_integrity(obj):
         return False
     return check_integrity(os.path.join(root, cls.base_folder, cls.meta["filename"]), cls.meta["md5"])
@@ -481,7 +483,6 @@ class CifarTaskStream:
         return self.w0s[0]
 
     def new_episode(self, episode: int, gen: torch.Generator) -> CifarEpisode:
-        from ..student import fresh_head_b
         info: Dict = {"episode": episode}
         ci = int(torch.randint(0, len(self.w0s), (1,), generator=gen)) if len(self.w0s) > 1 else 0
         info["checkpoint"] = ci
@@ -504,7 +505,6 @@ class CifarTaskStream:
 def to_task_data(task: Task, name: Optional[str] = None):
     """A :class:`lrmt_fast.data.tasks.TaskData` (normalised float32) of a CIFAR task, for the shared
     meta-test / readout code, which holds float images."""
-    from .tasks import TaskData, fingerprint
     return TaskData(name or task.name, task.num_classes, normalize(task.train_x), task.train_y.clone(),
                     normalize(task.test_x), task.test_y.clone(),
                     fingerprint(task.train_x, task.train_y, task.test_x, task.test_y))

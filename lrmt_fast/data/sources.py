@@ -75,7 +75,7 @@ def load_torchvision(name: str, root: str, train: bool, download: Optional[bool]
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 [N, 28, 28], labels int64 [N]) of MNIST (``name='mnist'``) or
     FashionMNIST (``'fashion'``) from ``root`` in torchvision's layout."""
-    from torchvision import datasets
+    from torchvision import datasets    # only when a dataset is read: torchvision's import is slow
 
     if name not in TORCHVISION_SETS:
         raise ValueError(f"unknown dataset {name!r}: expected one of {sorted(TORCHVISION_SETS)}")

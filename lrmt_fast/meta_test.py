@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 
 from .baselines import MethodContext, make_learner, spec_key
 from .checkpoint import atomic_write_json
 from .data.tasks import BatchStream, TwoTasks
 from .student import fresh_head_b
-from .readout import Readout
+from .linear_readout import Readout
 
 Tensor = torch.Tensor
 
@@ -163,7 +164,6 @@ def run_meta_test(model: nn.Module, w0: Dict[str, Tensor], tasks: TwoTasks, read
             todo.append((name, spec, int(s), path, key))
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=len(todo) * cfg.steps, desc="meta-test", unit="step", dynamic_ncols=True)
     for name, spec, s, path, key in todo:
         if path and os.path.exists(path):
