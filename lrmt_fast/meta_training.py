@@ -193,6 +193,14 @@ class LocalSync:
 
 # --------------------------------------------------------------------------- loop
 CE_A_RISE = 3.0    # the teacher's CE_A above this multiple of its first value in an episode: warn
+# ... where the first value counts as at least CE_A_FLOOR: on one batch, a converged network's CE_A is
+# noise around ~0.01 (one misclassified example moves it 10x); forgetting shows as CE_A of order 1
+CE_A_FLOOR = 0.1
+
+
+def ce_a_rise(ce_a: List[float]) -> float:
+    """How far the teacher's CE_A rose within an episode: max / max(first, CE_A_FLOOR)."""
+    return max(ce_a) / max(ce_a[0], CE_A_FLOOR)
 
 
 class TeacherStabilityWarning(RuntimeWarning):
@@ -213,7 +221,7 @@ def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: floa
 
     Returns {steps, mean_loss, last_loss, restarted} (losses: the mean over the K episodes)
     and, for the multi-task teacher, ``teacher_ce_a`` (its CE_A on its Task A batch per step,
-    the mean over the K) and ``teacher_ce_a_rise`` (the largest over the first).
+    the mean over the K) and ``teacher_ce_a_rise`` (:func:`ce_a_rise`).
     ``on_step(step, loss, gates)``, if given, sees every inner step (1-based step, the mean
     meta-loss, one {layer key: (detached gate, the gradient it gated) [Cout, P]} per episode)."""
     sync = sync or LocalSync()
@@ -281,7 +289,7 @@ def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: floa
         rec["nonfinite"] = nonfinite        # the step after the last counted one was skipped
     if ce_a:
         rec["teacher_ce_a"] = ce_a
-        rec["teacher_ce_a_rise"] = _sig(max(ce_a) / max(ce_a[0], 1e-12))
+        rec["teacher_ce_a_rise"] = _sig(ce_a_rise(ce_a))
     return rec
 
 
@@ -322,7 +330,8 @@ def check_teacher(rec: Dict, history: List[Dict], log: Optional[Callable[[str], 
         return None
     ce = rec["teacher_ce_a"]
     msg = (f"meta-train: the teacher is forgetting Task A: in episode {rec.get('episode')} its CE_A rose "
-           f"from {ce[0]:.3g} to {max(ce):.3g} ({rise:.3g}x, above {CE_A_RISE:g}x); the lr may be past the "
+           f"from {ce[0]:.3g} to {max(ce):.3g} ({rise:.3g}x its first value, floored at {CE_A_FLOOR:g}; above "
+           f"{CE_A_RISE:g}x); the lr may be past the "
            f"Task A checkpoint's stability edge (python -m experiments.studies.stability_check)")
     if log:
         log(msg)

@@ -146,6 +146,15 @@ def test_metatraining_learns_the_scaled_gate(task_a_net):
         assert abs(g["effective"][-1] - 0.5) < 0.1, (k, g["effective"])
 
 
+def test_ce_a_rise_is_floored():
+    """A converged network's CE_A on one batch is noise around ~0.01: 0.005 -> 0.06 is one example, not
+    forgetting; the summed-loss teacher of the issue went 0.04 -> 3.16."""
+    from lrmt_fast.meta_training import ce_a_rise
+    assert ce_a_rise([0.005, 0.02, 0.06]) == pytest.approx(0.6)
+    assert ce_a_rise([0.04, 0.07, 0.09, 0.37, 3.16]) == pytest.approx(31.6)
+    assert ce_a_rise([0.5, 1.0, 2.0]) == pytest.approx(4.0)
+
+
 def test_teacher_ce_a_record_and_warning(task_a_net):
     """Meta-training records the multi-task teacher's CE_A per step; the warning fires once when it
     rises past 3x its first value in an episode (an lr far past the stability edge) and stays silent
