@@ -82,7 +82,7 @@ struct OutFwdArgs {
   T* t_save = nullptr;  // [rows, P] or nullptr
 };
 
-// Per-group feature scale of one layer (DESIGN.md section 1, meta_learner.feature_scale):
+// Per-group feature scale of one layer (docs/method.md section 1, meta_learner.feature_scale):
 //   fs[m] = 1 / (sqrt(mean of squares of group m) + 1e-8), evaluated in float32 like the
 //   reference, with the sum of squares accumulated in double.
 // group m = a[m] (na elements) + b[m] (nb elements) + `ones[m]` constant ones.

@@ -1,4 +1,4 @@
-// lrmt_fast._C: the fused meta-update step (DESIGN.md section 2): operator schemas and
+// lrmt_fast._C: the fused meta-update step (docs/method.md section 2): operator schemas and
 // their CPU / CUDA kernels, and the Python module (build facts, workspace statistics).
 //
 // One call runs, for every neuron row of one or more student layers:

@@ -220,7 +220,7 @@ class OursLearner(Learner):
             self.trace.record(meta, deltas, grads, state, params)
 
     def step(self, xb, yb) -> float:
-        """The meta-test update, in place and without a graph (DESIGN.md section 2): the
+        """The meta-test update, in place and without a graph (docs/method.md section 2): the
         trunk weights and the LSTM state are overwritten (the fused path allocates nothing
         per step), SGD on head_b; the same arithmetic as meta-training's update. With
         ``reset_every`` K the state is zeroed (in place) after every K steps; with ``min_gate``

@@ -227,6 +227,11 @@ class ExperimentSpec:
 SECTIONS = ("data", "pretrain", "metatrain", "metatrain_budget", "metatest", "readout", "methods", "seeds", "pool")
 
 
+def _section(d: Dict, name: str):
+    v = d.get(name)
+    return {} if v is None else v
+
+
 def spec_from_dict(d: Dict, pretrain_cls, where: str = "") -> ExperimentSpec:
     """Validate a resolved profile ``d`` and build its :class:`ExperimentSpec`."""
     pre = f"{where}: " if where else ""
@@ -247,15 +252,15 @@ def spec_from_dict(d: Dict, pretrain_cls, where: str = "") -> ExperimentSpec:
         seeds = check_value(int, d.get("seeds", 5), "seeds")
         if seeds < 1:
             raise ConfigError(f"seeds: must be >= 1, got {seeds}")
-        mt = dict(d.get("metatrain") or {})
+        mt = d.get("metatrain") if d.get("metatrain") is not None else {}
         return ExperimentSpec(
             experiment=str(d.get("experiment", "")), profile=str(d.get("profile", "")),
-            data=build(DataConfig, d.get("data") or {}, "data"),
-            pretrain=build(pretrain_cls, d.get("pretrain") or {}, "pretrain"),
+            data=build(DataConfig, _section(d, "data"), "data"),
+            pretrain=build(pretrain_cls, _section(d, "pretrain"), "pretrain"),
             metatrain=build(MetaTrainConfig, mt, "metatrain", skip=("impl", "device")),
-            metatrain_budget=build(BudgetConfig, d.get("metatrain_budget") or {}, "metatrain_budget"),
-            metatest=build(MetaTestConfig, d.get("metatest") or {}, "metatest"),
-            readout=build(ReadoutConfig, d.get("readout") or {}, "readout"),
+            metatrain_budget=build(BudgetConfig, _section(d, "metatrain_budget"), "metatrain_budget"),
+            metatest=build(MetaTestConfig, _section(d, "metatest"), "metatest"),
+            readout=build(ReadoutConfig, _section(d, "readout"), "readout"),
             methods=copy.deepcopy(methods), seeds=seeds,
             pool=None if d.get("pool") is None else build(PoolConfig, d["pool"], "pool"),
             raw=copy.deepcopy(d))

@@ -1,4 +1,4 @@
-"""The readout measure of representational forgetting (paper section 3, DESIGN.md section 4).
+"""The readout measure of representational forgetting (paper section 3, docs/method.md section 4).
 
 Freeze the trunk, take the representation (the last layer before the
 classifiers), train a *fresh* linear layer on the task's training data with

@@ -1,4 +1,4 @@
-"""Meta-test protocol (DESIGN.md section 4): from the Task A checkpoint, ``steps``
+"""Meta-test protocol (docs/method.md section 4): from the Task A checkpoint, ``steps``
 update steps on D_B2 (student batch 64) with each method; every ``every`` steps
 (step 0 included) read out the representation; the joint readout at the last step.
 

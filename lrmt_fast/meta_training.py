@@ -1,4 +1,4 @@
-"""Meta-training: Algorithm 1 of the paper (DESIGN.md section 3).
+"""Meta-training: Algorithm 1 of the paper (docs/method.md section 3).
 
 Every episode the teacher and the student start from the same Task A checkpoint
 ``w0`` and the meta-learner's state is reset. Each step:

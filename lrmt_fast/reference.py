@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the meta-learner update step (DESIGN.md section 2).
+"""Pure-PyTorch reference of the meta-learner update step (docs/method.md section 2).
 
 This module *defines correctness*: the fused C++/CUDA kernels in ``csrc/`` must
 reproduce :func:`meta_step` within the tolerance rule (fused error at most 2x the

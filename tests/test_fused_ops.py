@@ -1,4 +1,4 @@
-"""The fused meta-update op (lrmt_fast._C) against the reference (DESIGN.md section 2).
+"""The fused meta-update op (lrmt_fast._C) against the reference (docs/method.md section 2).
 
 Tolerance rule (float32): the fused result's error against the float64 reference is
 at most 2x the float32 reference's own error against float64, plus a tiny

@@ -17,7 +17,7 @@ forward/backward is not part of the op and is not timed). Implementations (``IMP
 - ``reference``: the pure-PyTorch per-layer reference (``impl="reference"``);
 - ``fused``: the fused extension, one op call for the whole network (``impl="fused"``);
 - ``nn_lstm``: anchor: the same step with the three LSTM cells run by ``torch.nn.LSTM``
-  (one single-layer module per cell, ReLU between, as DESIGN.md section 2 checks);
+  (one single-layer module per cell, ReLU between, as docs/method.md section 2 checks);
 - ``reference_compiled``: anchor: the reference step under ``torch.compile``
   (see :mod:`lrmt_fast.bench.compiled`);
 - ``fused_graph`` (update cases on a GPU only, :func:`applies`): the fused update captured
@@ -100,7 +100,7 @@ def build_student(model: str, device="cpu", dtype=torch.float32, seed: int = 0):
 # cost model (per step, whole student)
 # --------------------------------------------------------------------------------------
 def layer_cost(lay: AdaptedLayer, num_cells: int = 3, elt: int = 4) -> Dict[str, float]:
-    """FLOPs and minimum bytes of one meta-update step of one layer (DESIGN.md section 2).
+    """FLOPs and minimum bytes of one meta-update step of one layer (docs/method.md section 2).
 
     FLOPs: the minimal work of the specified step, the same for every implementation: the
     first cell's input GEMM over the per-neuron features (w, g, post, and pre when it is per

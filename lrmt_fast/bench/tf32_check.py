@@ -9,7 +9,7 @@ and compares each against the float64 CPU reference:
   err(x) = ||x - ref64|| / ||ref64||  over all outputs (new weights and LSTM states), or over
            all meta-gradients, concatenated
 
-The rule (DESIGN.md, the tests' tolerance rule): an impl may use TF32 only if its error stays
+The rule (docs/method.md section 2, the tolerance rule): an impl may use TF32 only if its error stays
 within 2x the error of the float32 reference with TF32 off. It also times the fused update
 both ways (CUDA events, median of 50). Writes ``benchmarks/results/<device>_tf32.json``.
 
