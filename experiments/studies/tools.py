@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 
 from lrmt_fast import suite
 from lrmt_fast.checkpoint import CheckpointError, atomic_write_json
+from lrmt_fast.cli import parse_setting, settings_dict
 from lrmt_fast.config import ConfigError, config_path, load_spec
 from lrmt_fast.data import DataNotFoundError
 from lrmt_fast.pipeline import RunOptions
@@ -31,12 +32,15 @@ def add_task_a_arguments(p: argparse.ArgumentParser, experiment: str, profile: s
     p.add_argument("--cifar-check", choices=["auto", "md5", "skip"], default="auto",
                    help="integrity check of the CIFAR files (as lrmt exp1-cifar)")
     p.add_argument("--no-download", action="store_true", help="never let torchvision download missing data")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=parse_setting,
+                   help="override one setting of the profile (as lrmt <experiment> --set), e.g. data.validation=true")
 
 
 def prepare(args, device: str = "cpu", progress: bool = False, log: Callable = print):
     """(experiment, spec, Prepared) as ``lrmt <experiment> --profile ...`` would have them."""
     exp = suite.get(args.experiment)
-    spec = load_spec(args.config or config_path(exp.config), args.profile, exp.pretrain_cls)
+    spec = load_spec(args.config or config_path(exp.config), args.profile, exp.pretrain_cls,
+                     overrides=settings_dict(getattr(args, "set", [])))
     sources = suite.Sources(data_root=args.data_root, download=False if args.no_download else None,
                             cifar_check=args.cifar_check, cache_dir=args.cache_dir, task_a_ckpt=args.taskA_ckpt)
     opts = RunOptions(out=args.cache, seeds=[0], device=device, progress=progress, log=log)
