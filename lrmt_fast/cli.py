@@ -111,7 +111,8 @@ class ExperimentCommand:
         self.exp = exp
         self.HELP = exp.help
 
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+    def add_arguments(self, p: argparse.ArgumentParser, pretrain_only: bool = False) -> None:
+        """The options of ``lrmt <experiment>``; ``pretrain_only``: those a pretraining command uses."""
         cfg = config_path(self.exp.config)
         names = profile_names(cfg) or ["smoke", "quick", "paper"]
         default = "quick" if "quick" in names else names[0]
@@ -122,17 +123,19 @@ class ExperimentCommand:
         if self.exp.name != "demo":
             p.add_argument("--data-root", default=None, metavar="DIR",
                            help="folder with torchvision's dataset layouts (default: $LRMT_DATA)")
-        p.add_argument("--out", default=None, metavar="DIR",
-                       help=f"output folder (default: {default_out(self.exp.name, '<profile>')})")
-        p.add_argument("--seeds", type=parse_seeds, default=None, metavar="N",
-                       help="number of meta-test seeds (0..N-1) or a list like 0,3,7 (default: the profile's)")
-        p.add_argument("--resume", action="store_true",
-                       help="continue meta-training from its checkpoint in --out (finished meta-test runs are "
-                            "always reused)")
+        if not pretrain_only:
+            p.add_argument("--out", default=None, metavar="DIR",
+                           help=f"output folder (default: {default_out(self.exp.name, '<profile>')})")
+            p.add_argument("--seeds", type=parse_seeds, default=None, metavar="N",
+                           help="number of meta-test seeds (0..N-1) or a list like 0,3,7 (default: the profile's)")
+            p.add_argument("--resume", action="store_true",
+                           help="continue meta-training from its checkpoint in --out (finished meta-test runs are "
+                                "always reused)")
         p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                        help="default: cuda when available, else cpu")
-        p.add_argument("--impl", choices=["reference", "fused"], default=None,
-                       help="meta-update op (default: $LRMT_IMPL or auto)")
+        if not pretrain_only:
+            p.add_argument("--impl", choices=["reference", "fused"], default=None,
+                           help="meta-update op (default: $LRMT_IMPL or auto)")
         p.add_argument("--no-download", action="store_true",
                        help="never let torchvision download missing data (also: LRMT_NO_DOWNLOAD=1)")
         p.add_argument("--config", default=None, metavar="FILE",
@@ -142,14 +145,14 @@ class ExperimentCommand:
                             "JSON; repeatable; recorded in config.json and results.json)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         if self.exp.cifar:
-            add_cifar_arguments(p)
+            add_cifar_arguments(p, pretrain_only)
         if getattr(self.exp, "unseen_init", False):
             p.add_argument("--pool-dir", default=None, metavar="DIR",
                            help="the checkpoint pool (default: <cache-dir>/pool-<key of the pretraining config>)")
 
     def run(self, args) -> int:
         from . import pipeline       # the whole stack: loaded when a run starts, not for --help
-        from .distributed import init_distributed, shutdown
+        from .distributed import init_distributed, launched_distributed, shutdown
         from .outdir import OutDirLock
         from .results import format_table
 
@@ -161,6 +164,9 @@ class ExperimentCommand:
         sync = None
         if self.exp.cifar:
             sync, device = init_distributed(device, args.dist_timeout)
+        elif launched_distributed():
+            raise ConfigError(f"lrmt {self.exp.name} runs in one process; distributed meta-training (torchrun) "
+                              f"is for the CIFAR experiments (exp1-cifar, exp2-cifar100, exp3-unseen-init)")
         out = args.out or default_out(self.exp.name, args.profile)
         rank = getattr(sync, "rank", 0)
         opts = pipeline.RunOptions(out=out, seeds=seeds, device=device, impl=args.impl, resume=args.resume,
@@ -198,7 +204,7 @@ class _nothing:
         return False
 
 
-def add_cifar_arguments(p: argparse.ArgumentParser) -> None:
+def add_cifar_arguments(p: argparse.ArgumentParser, pretrain_only: bool = False) -> None:
     p.add_argument("--cifar-check", choices=["auto", "md5", "skip"], default="auto",
                    help="integrity check of the CIFAR files: md5 (torchvision's), skip, or auto = md5, else "
                         "accept the known offline reconstruction with a warning (docs/cifar.md)")
@@ -208,9 +214,10 @@ def add_cifar_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--taskA-ckpt", default=None, metavar="FILE",
                    help="use (or write) the Task A checkpoint at FILE instead of the cache's (or the one "
                         "committed under experiments/results/ for the same config and data)")
-    p.add_argument("--dist-timeout", type=positive_float, default=900.0, metavar="S",
-                   help="under torchrun: seconds a collective may wait for a peer before the job stops "
-                        "(default: %(default)s)")
+    if not pretrain_only:
+        p.add_argument("--dist-timeout", type=positive_float, default=900.0, metavar="S",
+                       help="under torchrun: seconds a collective may wait for a peer before the job stops "
+                            "(default: %(default)s)")
     p.add_argument("--no-tf32", action="store_true",
                    help="on a GPU, run the networks' convolutions in full fp32 (PyTorch's default lets cuDNN "
                         "use TF32 on Ampere and newer GPUs; matrix products are fp32 either way; docs/cifar.md)")
@@ -263,14 +270,15 @@ class PretrainCifarCommand:
     HELP = "pretrain ResNet-32 GN on CIFAR-5A (Task A of the CIFAR experiments), cached and resumable"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        ExperimentCommand(_exp("exp1-cifar")).add_arguments(p)
+        ExperimentCommand(_exp("exp1-cifar")).add_arguments(p, pretrain_only=True)
         p.add_argument("--seed", type=int, default=None, help="pretraining seed (default: the profile's)")
 
     def run(self, args) -> int:
         from .pretrain_cifar import pretrain_cifar
         from .suite import cifar
         exp = _exp("exp1-cifar")
-        spec = load_spec(args.config or config_path(exp.config), args.profile, exp.pretrain_cls)
+        spec = load_spec(args.config or config_path(exp.config), args.profile, exp.pretrain_cls,
+                         overrides=settings_dict(args.set))
         device = pick_device(args.device)
         apply_precision(args, device)
         sources = sources_of(args)
@@ -290,7 +298,7 @@ class PretrainPoolCommand:
     HELP = "pretrain Exp 3's pool of CIFAR-5A checkpoints (n_train + 1 held out); resumable, skips finished ones"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        ExperimentCommand(_exp("exp3-unseen-init")).add_arguments(p)
+        ExperimentCommand(_exp("exp3-unseen-init")).add_arguments(p, pretrain_only=True)
         p.add_argument("--n", type=positive_int, default=None, metavar="N",
                        help="checkpoints in all (default: the profile's pool.n_train + 1)")
 
@@ -299,7 +307,8 @@ class PretrainPoolCommand:
         from .pretrain_cifar import pretrain_pool, shard_from_env
         from .suite import cifar
         exp = _exp("exp3-unseen-init")
-        spec = load_spec(args.config or config_path(exp.config), args.profile, exp.pretrain_cls)
+        spec = load_spec(args.config or config_path(exp.config), args.profile, exp.pretrain_cls,
+                         overrides=settings_dict(args.set))
         device = pick_device(args.device)
         rank, world = shard_from_env()
         if device == "cuda" and world > 1:

@@ -130,7 +130,7 @@ def metatrain_with_budget(model, stream, mcfg, out_dir: str, resume: bool, budge
         sub = dataclasses.replace(mcfg, episodes=min(mcfg.episodes, len(hist) + chunk), checkpoint_every=chunk)
         before = sum(h["steps"] for h in hist)
         _, hist = metatrain(model, stream, sub, out_dir=out, resume=main, progress=False, sync=sync,
-                            on_step=on_step, on_episode=on_episode)
+                            on_step=on_step, on_episode=on_episode, log=_quiet_resume(log))
         last = hist[-chunk:]
         ep_steps = sum(h["steps"] for h in last) / max(1, len(last))
         if bar is not None:
@@ -146,6 +146,11 @@ def metatrain_with_budget(model, stream, mcfg, out_dir: str, resume: bool, budge
     if main:
         log(f"meta-train: {len(hist)} episodes, {sum(h['steps'] for h in hist)} steps")
     return hist
+
+
+def _quiet_resume(log: Callable) -> Callable:
+    """``log`` without the resume line each chunk's metatrain call would repeat."""
+    return lambda msg: None if msg.startswith("meta-train: resuming from") else log(msg)
 
 
 def needs_meta(methods: Dict[str, Dict]) -> bool:
@@ -296,9 +301,9 @@ def finish(spec: ExperimentSpec, runs, seeds, out_dir: str, history: List[Dict],
     res = R.aggregate(runs, spec.experiment, spec.profile, seeds, config, extra)
     paths = R.write_all(res, out_dir)
     atomic_write_json(os.path.join(out_dir, "config.json"), {**spec.to_dict(), "seeds": list(seeds),
+                                                             "world_size": extra.get("world_size", 1),
                                                              **{k: v for k, v in config.items()
-                                                                if k in ("device", "impl", "world_size",
-                                                                         "data_info")}})
+                                                                if k in ("device", "impl", "data_info")}})
     log(f"wrote {paths['json']}, {paths['table']}, {paths['curves']}"
         + "".join(f", {v}" for v in figs.values()) + (f", {paths['gate_trace']}" if "gate_trace" in paths else ""))
     return res

@@ -199,15 +199,16 @@ def combined_table(results: Sequence[Dict], titles: Optional[Sequence[str]] = No
         cells = []
         for r in results:
             j = r["methods"].get(m, {}).get("joint_readout")
-            cells.append(fmt(j["mean"], j["sem"]) if j else "")
+            bad = (r.get("nonfinite_runs") or {}).get(m)
+            cells.append((fmt(j["mean"], j["sem"]) if j else "") + (f" (non-finite: seeds {bad})" if bad else ""))
         lines.append(f"| {display_name(m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- plots
 _STYLE = {"freeze": ("--", "k"), "teacher": ("-", "tab:green"), "sgd": ("-", "tab:blue"),
-          "sgd_x0.1": ("-", "tab:cyan"), "sgd_x0.5": ("-.", "tab:blue"), "lwf": ("-", "tab:purple"), "ewc": ("-", "tab:orange"),
-          "ours": ("-", "tab:red")}
+          "sgd_x0.1": ("-", "tab:cyan"), "sgd_x0.5": ("-.", "tab:blue"), "lwf": ("-", "tab:purple"),
+          "ewc": ("-", "tab:orange"), "ours": ("-", "tab:red")}
 # colours for methods beyond the paper's (e.g. ewc_100, diagnostic variants of ours), dotted
 _EXTRA_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:gray", "gold", "navy", "teal", "magenta")
 

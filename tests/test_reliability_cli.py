@@ -235,3 +235,24 @@ def test_sigterm_is_handled_like_sigint(data, tmp_path):
     assert p.returncode == 143, (o, e)
     line = one_line(e)
     assert "SIGTERM" in line and "--resume" in line
+
+
+def test_options_that_do_not_apply_are_refused(data, tmp_path, monkeypatch):
+    """The validation split exists for the MNIST experiments only, and exp1-mnist runs in one process:
+    both are one-line errors instead of being ignored."""
+    rc, _, err = run_cli(["exp1-cifar", "--profile", "smoke", "--data-root", str(tmp_path / "none"),
+                          "--set", "data.validation=true", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 1 and "data.validation is implemented for exp1-mnist" in one_line(err)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    rc, _, err = run_cli(args(data, tmp_path / "o2"))
+    assert rc == 1 and "runs in one process" in one_line(err) and not (tmp_path / "o2").exists()
+
+
+def test_report_marks_nonfinite_runs(tmp_path):
+    from lrmt_fast.results import aggregate, combined_table
+    runs = {m: [{"seed": 0, "steps": [0, 5], "task_a_readout": [90.0, 80.0], "task_b_readout": [10.0, 70.0],
+                 "task_a_original": [95.0, 60.0], "joint_readout": 55.0}] for m in ("sgd", "ours")}
+    res = aggregate(runs, "x", "p", [0], {}, extra={"nonfinite_runs": {"ours": [0]}})
+    text = combined_table([res])
+    assert "| ours | 55.0 (non-finite: seeds [0]) |" in text and "| SGD | 55.0 |" in text

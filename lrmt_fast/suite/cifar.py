@@ -46,7 +46,14 @@ def subset(task: Task, max_train: Optional[int], max_test: Optional[int], seed: 
     return Task(task.name, task.classes, task.train_x[itr], task.train_y[itr], task.test_x[ite], task.test_y[ite])
 
 
+def _no_validation(spec) -> None:
+    if spec.data.validation:
+        raise ConfigError(f"profile {spec.profile!r}: data.validation is implemented for exp1-mnist and the demo "
+                          f"only, not for the CIFAR experiments")
+
+
 def load_task_a(spec, sources: Sources) -> Task:
+    _no_validation(spec)
     d = spec.data
     return subset(cifar5a(cifar_source(sources)), d.max_train, d.max_test, d.split_seed)
 

@@ -43,5 +43,9 @@ class MnistExperiment:
         return Prepared(
             model=model, w0=w0, task_a=ainfo, stream=stream,
             meta_key=lambda mcfg: {"taskA": ainfo["key"], "data": data_fp, "metatrain": mcfg.key_dict(),
-                                   "fresh_head_b": True},
+                                   "fresh_head_b": True,
+                                   # the budget decides where meta-training stops (absent: the keys of
+                                   # runs without one, as before the budget entered the key)
+                                   **({"budget": spec.raw.get("metatrain_budget")}
+                                      if spec.metatrain_budget.max_total_steps else {})},
             metatest_tasks=lambda seeds: [(tasks, list(seeds))], title=self.title)
