@@ -256,13 +256,14 @@ def plot(results: Dict, path: str) -> str:
             axr.plot(range(1, len(r) + 1), c["rollout"][k]["effective"], color=col, ls=":")
             ax.plot(blocks["step"], g["effective"], color=col, ls=":")
             axr.axhline(c["target"][k], color=col, ls="--", lw=0.8)
-        ax.set_title(f"{name}: gate during meta-training (mean ± spread over synapses; target dashed)")
+        ax.set_title(f"{name}: gate in meta-training\n(solid mean ± spread, dotted effective, dashed target)",
+                     fontsize=9)
         ax.set_xlabel("meta-steps")
         ax.set_ylabel("gate δ")
         ax.legend(fontsize=8)
         p = c["judge"]["pass"]
-        axr.set_title(f"{name}: {len(r)}-step rollout, solid mean gate, dotted effective "
-                      f"(mean {'pass' if p['mean'] else 'fail'}, effective {'pass' if p['effective'] else 'fail'})")
+        axr.set_title(f"{name}: {len(r)}-step rollout of the learned gate\n(mean {'pass' if p['mean'] else 'fail'}, "
+                      f"effective {'pass' if p['effective'] else 'fail'})", fontsize=9)
         axr.set_xlabel("meta-test update step")
         axr.legend(fontsize=8)
     fig.tight_layout()
