@@ -206,3 +206,19 @@ def test_gate_measures_and_the_criterion():
     blocks = {"step": [100, 200, 300], "gate": {"a": {"mean": [0.9, 0.52, 0.51], "effective": [0.8, 0.7, 0.5]}}}
     assert first_reached(blocks, {"a": 0.5}, 0.05) == 200
     assert first_reached(blocks, {"a": 0.5}, 0.05, "effective") == 300
+
+
+def test_gate_sensitivity_study(task_a_net):
+    """experiments/studies/gate_sensitivity.py: on target the constant gate's meta-loss is ~0 and
+    grows with a layer's offset; off target the truncated meta-gradient pushes that layer's gate back."""
+    from experiments.studies.gate_sensitivity import gradient_at, loss_curve
+    model, (xa, ya, xb, yb) = task_a_net
+    stream = TensorTaskStream(param_dict(model), xa, ya, xb, yb, 16, 16)
+    cfg = _cfg(teacher={"kind": "sgd_scaled", "c": 0.5})
+    on = {"conv1": 0.5, "conv2": 0.5, "fc1": 0.5}
+    zero = loss_curve(model, stream, cfg, on, steps=10, episodes=1)
+    near = loss_curve(model, stream, cfg, {**on, "fc1": 0.6}, steps=10, episodes=1)
+    far = loss_curve(model, stream, cfg, {**on, "fc1": 0.9}, steps=10, episodes=1)
+    assert max(zero) < 1e-6 and 0 < near[-1] < far[-1]
+    g = gradient_at(model, stream, cfg, {**on, "fc1": 0.9}, steps=20, episodes=1, bptt=5)
+    assert g["fc1"]["pushes"] == "down" and g["fc1"]["n"] == 20
