@@ -42,13 +42,6 @@ class PretrainConfig:
     POSITIVE = ("epochs", "lr", "batch")
     NONNEGATIVE = ("momentum", "weight_decay", "seed")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "PretrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown pretraining option(s) {unknown}")
-        return cls(**d)
 
 
 def make_model(cfg: PretrainConfig, num_classes_a: int, num_classes_b: int) -> nn.Module:

@@ -103,13 +103,6 @@ class CifarPretrainConfig:
             raise ValueError(f"finish_average_epochs must be between 0 and finish_epochs "
                              f"(got {self.finish_average_epochs}, finish_epochs {self.finish_epochs})")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "CifarPretrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown CIFAR pretraining option(s) {unknown}")
-        return cls(**d)
 
 
 FINISH_FIELDS = ("finish_epochs", "finish_lr", "finish_momentum", "finish_weight_decay", "finish_warmup_epochs",

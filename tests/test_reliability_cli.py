@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lrmt_fast.checkpoint import load_checkpoint
-from test_exp1_cli import ROOT, run_cli, sub_env, write_fake_data
+from test_exp1_cli import _one_thread, ROOT, run_cli, sub_env, write_fake_data  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +37,6 @@ def fast_profile(tmp_path_factory):
     with open(FAST, "w") as f:
         json.dump(cfg, f)
     return FAST
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def args(data, out, *extra):
