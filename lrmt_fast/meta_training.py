@@ -23,6 +23,7 @@ uninterrupted one exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -202,8 +203,16 @@ def _sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
+def _no_stage(_name: str):
+    return _NULL_STAGE
+
+
+_NULL_STAGE = contextlib.nullcontext()
+STAGES = ("data", "teacher", "student_grad", "op", "reps", "backward", "adam")
+
+
 def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: float,
-                bptt: int, sync=None, teacher_rule=None, on_step=None) -> Dict:
+                bptt: int, sync=None, teacher_rule=None, on_step=None, stage=None) -> Dict:
     """Meta-train on one episode, or on K episodes at once (``episode`` a list: K students,
     teachers and LSTM states, in lockstep). Each inner step takes one Adam step on the mean of
     the K meta-losses (the gradient of the mean = the mean of K data-parallel ranks' gradients);
@@ -214,8 +223,11 @@ def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: floa
     and, for the multi-task teacher, ``teacher_ce_a`` (its CE_A on its Task A batch per step,
     the mean over the K) and ``teacher_ce_a_rise`` (the largest over the first).
     ``on_step(step, loss, gates)``, if given, sees every inner step (1-based step, the mean
-    meta-loss, one {layer key: (detached gate, the gradient it gated) [Cout, P]} per episode)."""
+    meta-loss, one {layer key: (detached gate, the gradient it gated) [Cout, P]} per episode).
+    ``stage(name)``, if given, returns a context manager wrapped around each stage of the inner
+    step (names in ``STAGES``; :mod:`lrmt_fast.bench.inner_step` times them with it)."""
     sync = sync or LocalSync()
+    stage = stage or _no_stage
     episodes = list(episode) if isinstance(episode, (list, tuple)) else [episode]
     k_eps = len(episodes)
     teacher_rule = teacher_rule or make_teacher(cfg.teacher, model, meta)
@@ -232,33 +244,40 @@ def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: floa
     for _t in range(cfg.max_steps):
         losses, step_ce, step_deltas = [], [], []
         for sl in slots:
-            xa, ya = sl["ep"].next_a()
-            xb, yb = sl["ep"].next_b()
-            sl["teacher"], t_ce_a = teacher_rule.step(sl["teacher"], xa, ya, xb, yb, cfg.lr)
+            with stage("data"):
+                xa, ya = sl["ep"].next_a()
+                xb, yb = sl["ep"].next_b()
+            with stage("teacher"):
+                sl["teacher"], t_ce_a = teacher_rule.step(sl["teacher"], xa, ya, xb, yb, cfg.lr)
             if t_ce_a is not None:
                 step_ce.append(t_ce_a)
             seen = {}
             sl["student"], sl["state"], deltas, _ = student_meta_update(
                 model, meta, sl["student"], sl["state"], xb, yb, cfg.lr, impl=cfg.impl, train=True,
-                observe=None if on_step is None else (lambda _m, _d, g, _s, _p: seen.update(g=g)))
-            losses.append(meta_loss(model, sl["teacher"], sl["student"], torch.cat([xa, xb]), cfg.loss_coef,
-                                    cfg.huber_delta))
+                observe=None if on_step is None else (lambda _m, _d, g, _s, _p: seen.update(g=g)), stage=stage)
+            with stage("reps"):
+                losses.append(meta_loss(model, sl["teacher"], sl["student"], torch.cat([xa, xb]), cfg.loss_coef,
+                                        cfg.huber_delta))
             if on_step is not None:
                 step_deltas.append({lay.key: (deltas[lay.key].detach(), pack_rows(seen["g"], lay))
                                     for lay in meta.layers})
         loss = losses[0] if k_eps == 1 else torch.stack(losses).mean()
         each = [float(l.detach()) for l in losses]
-        opt.zero_grad(set_to_none=True)
-        loss.backward(retain_graph=True)
-        sync.average_grads(meta)
-        # a non-finite meta-loss or meta-gradient never reaches Adam: the step is skipped and the
-        # episode ends. Every rank decides alike without another collective: a rank's NaN loss gives
-        # NaN gradients, and the all-reduced gradients are the same on every rank.
-        if not grads_finite(meta):
+        with stage("backward"):
+            opt.zero_grad(set_to_none=True)
+            loss.backward(retain_graph=True)
+        with stage("adam"):
+            sync.average_grads(meta)
+            # a non-finite meta-loss or meta-gradient never reaches Adam: the step is skipped and the
+            # episode ends. Every rank decides alike without another collective: a rank's NaN loss gives
+            # NaN gradients, and the all-reduced gradients are the same on every rank.
+            finite = grads_finite(meta)
+            if finite:
+                opt.step()
+        if not finite:
             opt.zero_grad(set_to_none=True)
             nonfinite = "loss" if not all(math.isfinite(v) for v in each) else "gradient"
             break
-        opt.step()
         s += 1
         last = sum(each) / k_eps
         if step_ce:

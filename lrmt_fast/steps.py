@@ -27,6 +27,7 @@ sgd_frozen     known answer: the same with the adapted layers of the modules nam
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -196,7 +197,7 @@ def adapted_modules(meta: MetaLearner) -> List[str]:
 
 def student_meta_update(model: nn.Module, meta: MetaLearner, params: Params, state,
                         xb: Tensor, yb: Tensor, lr: float, impl: Optional[str] = None,
-                        train: bool = False, in_place: bool = False, observe=None):
+                        train: bool = False, in_place: bool = False, observe=None, stage=None):
     """One student step on Task B: meta-learner on the adapted trunk layers, SGD on head_b.
 
     ``train=True`` keeps the graph to theta (and snapshots theta so that it may be
@@ -205,9 +206,13 @@ def student_meta_update(model: nn.Module, meta: MetaLearner, params: Params, sta
     ``state`` without a graph (:meth:`MetaLearner.step_`) and returns those same dicts.
     ``observe(meta, deltas, grads, state, params)``, if given, is called after the meta-learner's
     update with its new state and weights (e.g. :meth:`lrmt_fast.gate_trace.GateTrace.record`).
+    ``stage(name)``, if given, is a context manager around the gradient ("student_grad") and the
+    meta-learner's update ("op") (:func:`lrmt_fast.meta_training.run_episode`'s stage timer).
     Returns (new_params, new_state, deltas, task-B loss).
     """
-    loss, grads, acts = grads_and_acts(model, params, xb, yb, "b", adapted_modules(meta))
+    stage = stage or _no_stage
+    with stage("student_grad"):
+        loss, grads, acts = grads_and_acts(model, params, xb, yb, "b", adapted_modules(meta))
     if in_place:
         with torch.no_grad():
             deltas = meta.step_(params, grads, acts, state, lr, impl=impl)
@@ -217,7 +222,8 @@ def student_meta_update(model: nn.Module, meta: MetaLearner, params: Params, sta
                 if k.startswith("head_b."):
                     v.sub_(grads[k], alpha=lr)
         return params, state, deltas, loss
-    new_adapted, new_state, deltas = meta.step(params, grads, acts, state, lr, impl=impl, snapshot=train)
+    with stage("op"):
+        new_adapted, new_state, deltas = meta.step(params, grads, acts, state, lr, impl=impl, snapshot=train)
     if observe is not None:
         observe(meta, deltas, grads, new_state, new_adapted)
     new_params = dict(params)
@@ -226,6 +232,13 @@ def student_meta_update(model: nn.Module, meta: MetaLearner, params: Params, sta
         if k.startswith("head_b."):
             new_params[k] = params[k] - lr * grads[k]
     return new_params, new_state, deltas, loss
+
+
+def _no_stage(_name: str):
+    return _NULL_STAGE
+
+
+_NULL_STAGE = contextlib.nullcontext()
 
 
 def meta_loss(model: nn.Module, teacher: Params, student: Params, x: Tensor, loss_coef: float,
