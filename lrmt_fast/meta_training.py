@@ -37,7 +37,7 @@ from torch import nn
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .meta_learner import MetaLearner, find_adapted_layers, pack_rows
 from .steps import TeacherConfig, make_teacher, meta_loss, student_meta_update
-from .student import fresh_head_b
+from .student import fresh_head_b, functional
 
 Tensor = torch.Tensor
 Batch = Tuple[Tensor, Tensor]
@@ -212,7 +212,7 @@ STAGES = ("data", "teacher", "student_grad", "op", "reps", "backward", "adam")
 
 
 def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: float,
-                bptt: int, sync=None, teacher_rule=None, on_step=None, stage=None) -> Dict:
+                bptt: int, sync=None, teacher_rule=None, on_step=None, stage=None, fast: bool = True) -> Dict:
     """Meta-train on one episode, or on K episodes at once (``episode`` a list: K students,
     teachers and LSTM states, in lockstep). Each inner step takes one Adam step on the mean of
     the K meta-losses (the gradient of the mean = the mean of K data-parallel ranks' gradients);
@@ -225,9 +225,13 @@ def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: floa
     ``on_step(step, loss, gates)``, if given, sees every inner step (1-based step, the mean
     meta-loss, one {layer key: (detached gate, the gradient it gated) [Cout, P]} per episode).
     ``stage(name)``, if given, returns a context manager wrapped around each stage of the inner
-    step (names in ``STAGES``; :mod:`lrmt_fast.bench.inner_step` times them with it)."""
+    step (names in ``STAGES``; :mod:`lrmt_fast.bench.inner_step` times them with it).
+    ``fast``: evaluate the networks with the model's fast evaluator where it has one
+    (:func:`lrmt_fast.student.functional`: the same function, float32 rounding apart); False
+    runs the module's own code (the reference the tests compare with)."""
     sync = sync or LocalSync()
     stage = stage or _no_stage
+    fn = functional(model, fast=fast)
     episodes = list(episode) if isinstance(episode, (list, tuple)) else [episode]
     k_eps = len(episodes)
     teacher_rule = teacher_rule or make_teacher(cfg.teacher, model, meta)
@@ -248,16 +252,17 @@ def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: floa
                 xa, ya = sl["ep"].next_a()
                 xb, yb = sl["ep"].next_b()
             with stage("teacher"):
-                sl["teacher"], t_ce_a = teacher_rule.step(sl["teacher"], xa, ya, xb, yb, cfg.lr)
+                sl["teacher"], t_ce_a = teacher_rule.step(sl["teacher"], xa, ya, xb, yb, cfg.lr, fn=fn)
             if t_ce_a is not None:
                 step_ce.append(t_ce_a)
             seen = {}
             sl["student"], sl["state"], deltas, _ = student_meta_update(
                 model, meta, sl["student"], sl["state"], xb, yb, cfg.lr, impl=cfg.impl, train=True,
-                observe=None if on_step is None else (lambda _m, _d, g, _s, _p: seen.update(g=g)), stage=stage)
+                observe=None if on_step is None else (lambda _m, _d, g, _s, _p: seen.update(g=g)), stage=stage,
+                fn=fn)
             with stage("reps"):
                 losses.append(meta_loss(model, sl["teacher"], sl["student"], torch.cat([xa, xb]), cfg.loss_coef,
-                                        cfg.huber_delta))
+                                        cfg.huber_delta, fn=fn))
             if on_step is not None:
                 step_deltas.append({lay.key: (deltas[lay.key].detach(), pack_rows(seen["g"], lay))
                                     for lay in meta.layers})

@@ -219,15 +219,24 @@ class StepRunner:
         return dt
 
 
+STEP_IMPLS = {
+    # the networks evaluated by their module code (functional_call, hooks, ATen's pooling): the
+    # inner step as it was before the fast evaluator, kept as the reference
+    "module": {"fast": False},
+    # the model's fast evaluator (lrmt_fast.student.functional; LeNet: LeNetFunctional)
+    "fast": {"fast": True},
+}
+
+
 def step_impls() -> Sequence[str]:
-    """The inner-step implementations this checkout has (``--impls``)."""
-    return ("current",)
+    """The inner-step implementations (``--impls``): ``module`` (the reference) and ``fast``."""
+    return tuple(STEP_IMPLS)
 
 
 def step_impl_kwargs(impl: str) -> Dict:
-    if impl not in step_impls():
-        raise ValueError(f"unknown step implementation {impl!r}; this checkout has {list(step_impls())}")
-    return {}
+    if impl not in STEP_IMPLS:
+        raise ValueError(f"unknown step implementation {impl!r}; expected one of {list(STEP_IMPLS)}")
+    return dict(STEP_IMPLS[impl])
 
 
 def time_interleaved(runners: List[StepRunner], probes: Dict[int, object], min_time: float, warmup: int = 1,
