@@ -363,14 +363,32 @@ def meta_optimizer(meta: MetaLearner, cfg: MetaTrainConfig) -> torch.optim.Optim
     output weights ``w_out`` of every learner (the only path by which the gate depends on the
     LSTM's state and inputs) also decay towards 0, decoupled from the gradient (AdamW's rule):
     a gate that the meta-gradient does not pin down drifts back to input-independent instead of
-    random-walking (docs/method.md)."""
+    random-walking (docs/method.md).
+
+    Adam runs as torch's fused kernel where it has one for theta's device and dtype (CPU and
+    CUDA; one pass over theta, its gradient and moments instead of ~10 per tensor: 1.2-2 against
+    4.5 ms a step for LeNet's 36 theta tensors at one thread): the same update, equal to the
+    per-tensor loop to float32 rounding (1 ulp). A checkpoint keeps the flag it was written with."""
+    params = list(meta.parameters())
+    fused = _fused_adam_ok(params)
     if not cfg.gate_weight_decay:
-        return torch.optim.Adam(meta.parameters(), lr=cfg.meta_lr)
+        return torch.optim.Adam(params, lr=cfg.meta_lr, fused=fused)
     outs = [meta.learner(l).w_out for l in meta.layers]
     ids = {id(p) for p in outs}
-    rest = [p for p in meta.parameters() if id(p) not in ids]
+    rest = [p for p in params if id(p) not in ids]
     return torch.optim.Adam([{"params": rest}, {"params": outs, "weight_decay": cfg.gate_weight_decay}],
-                            lr=cfg.meta_lr, decoupled_weight_decay=True)
+                            lr=cfg.meta_lr, decoupled_weight_decay=True, fused=fused)
+
+
+def _fused_adam_ok(params) -> Optional[bool]:
+    """True when torch's fused Adam takes these parameters (floating point, all on one CPU or
+    CUDA device), else None (torch's default choice)."""
+    if not params:
+        return None
+    dev = params[0].device
+    if dev.type not in ("cpu", "cuda") or any(p.device != dev or not p.is_floating_point() for p in params):
+        return None
+    return True
 
 
 def save_meta_checkpoint(path, meta, opt, cfg, next_episode, history):

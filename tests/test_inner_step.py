@@ -84,6 +84,21 @@ def test_relu_max_pool2_equals_aten(shape, layout, dtype):
     assert torch.equal(ya, yb) and torch.equal(ga, gb)
 
 
+@pytest.mark.skipif(not _POOL_KERNEL[0], reason="fused extension not built")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_pool_ops_schema_and_fake_kernels(layout):
+    x = torch.randn(2, 9, 4, 18)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out, code = torch.ops.lrmt_fast.relu_max_pool2(x)
+    tests = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.lrmt_fast.relu_max_pool2.default, (x,), test_utils=tests)
+    torch.library.opcheck(torch.ops.lrmt_fast.relu_max_pool2_backward.default, (torch.randn_like(out), out, code),
+                          test_utils=tests)
+    with pytest.raises(RuntimeError, match="H and W must be even"):
+        torch.ops.lrmt_fast.relu_max_pool2(torch.randn(1, 2, 3, 4))
+
+
 def test_relu_max_pool2_odd_sizes_and_views_use_the_plain_ops():
     x = torch.randn(2, 3, 5, 7)
     assert torch.equal(relu_max_pool2(x), F.max_pool2d(F.relu(x), 2))
