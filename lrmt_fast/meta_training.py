@@ -247,6 +247,7 @@ def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: floa
     ce_a: List[float] = []
     for _t in range(cfg.max_steps):
         losses, step_ce, step_deltas = [], [], []
+        opt.zero_grad(set_to_none=True)
         for sl in slots:
             with stage("data"):
                 xa, ya = sl["ep"].next_a()
@@ -266,11 +267,12 @@ def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: floa
             if on_step is not None:
                 step_deltas.append({lay.key: (deltas[lay.key].detach(), pack_rows(seen["g"], lay))
                                     for lay in meta.layers})
-        loss = losses[0] if k_eps == 1 else torch.stack(losses).mean()
+            # the gradient of the mean of the K losses, one episode's part at a time, right after its
+            # forward (its activations still in cache; K graphs backward at the end of the step ran
+            # 3% slower at K=2): theta.grad accumulates sum_k (1/K) dL_k/dtheta
+            with stage("backward"):
+                (losses[-1] if k_eps == 1 else losses[-1] / k_eps).backward(retain_graph=True)
         each = [float(l.detach()) for l in losses]
-        with stage("backward"):
-            opt.zero_grad(set_to_none=True)
-            loss.backward(retain_graph=True)
         with stage("adam"):
             sync.average_grads(meta)
             # a non-finite meta-loss or meta-gradient never reaches Adam: the step is skipped and the
