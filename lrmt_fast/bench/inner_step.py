@@ -42,6 +42,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .measure import DEFAULT_OUT
+
 STAGE_ORDER = ("data", "teacher", "student_grad", "op", "reps", "backward", "adam", "other")
 
 
@@ -181,12 +183,12 @@ class StepRunner:
     keeps its own meta-learner and Adam state (all start from the same seed)."""
 
     def __init__(self, model, stream, mcfg, impl: str, threads: int, steps: int, bptt: int, device: str = "cpu",
-                 k_eps: int = 1):
+                 k_eps: int = 1, op_impl: Optional[str] = None, name: Optional[str] = None):
         from lrmt_fast.meta_training import build_meta_learner, make_teacher, meta_optimizer
         self.model, self.stream, self.impl, self.threads = model, stream, impl, threads
-        self.steps, self.bptt, self.k_eps = steps, bptt, k_eps
+        self.steps, self.bptt, self.k_eps, self.op_impl = steps, bptt, k_eps, op_impl
         self.cfg = dataclasses.replace(mcfg, max_steps=steps, thresh_start=float("inf"), thresh_max=float("inf"),
-                                       device=device, episodes_per_step=k_eps)
+                                       device=device, episodes_per_step=k_eps, impl=op_impl)
         torch.manual_seed(self.cfg.seed)
         self.meta = build_meta_learner(model, self.cfg.hidden, self.cfg.hidden_gn).to(device)
         self.opt = meta_optimizer(self.meta, self.cfg)
@@ -196,10 +198,12 @@ class StepRunner:
         self.block_s: List[float] = []       # wall seconds per step, one per block
         self.steps_done = 0
         self.wall = 0.0
-        self.name = f"{impl}/{threads}t"
+        self.name = name or f"{impl}/{threads}t"
         self.device = device
 
-    def run_block(self):
+    def run_block(self, timed: bool = True):
+        """One episode (K in lockstep) of ``steps`` inner steps; with ``timed`` its wall time
+        and stage times are added to this runner's."""
         from lrmt_fast.meta_training import _episode_gen, run_episode
         torch.set_num_threads(self.threads)
         eps = [self.stream.new_episode(self.episode, _episode_gen(self.cfg, j, self.episode))
@@ -208,7 +212,9 @@ class StepRunner:
         kw = step_impl_kwargs(self.impl)
         t0 = time.perf_counter()
         rec = run_episode(self.model, self.meta, self.opt, eps, self.cfg, float("inf"), self.bptt,
-                          teacher_rule=self.teacher, stage=self.timer, **kw)
+                          teacher_rule=self.teacher, stage=self.timer if timed else None, **kw)
+        if not timed:
+            return rec
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -322,23 +328,42 @@ def table(recs: List[Dict], cost: Dict) -> str:
     return "\n".join(lines)
 
 
+def synthetic_mnist(n: int, seed: int):
+    """MNIST-shaped images in [0, 1] with a blank border and blank pixels (as MNIST has), and labels."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 28, 28, generator=g)
+    x[:, :, :4], x[:, :, -4:], x[..., :4], x[..., -4:] = 0, 0, 0, 0
+    x = torch.where(x < 0.5, torch.zeros_like(x), x)
+    return x, torch.randint(0, 10, (n,), generator=g)
+
+
 def build_experiment(data_root: Optional[str], cache: str, profile: str = "quick", device: str = "cpu", log=print):
-    """(spec, model, stream) of Exp 1 MNIST as its meta-training sees them."""
+    """(spec, model, stream, data) of Exp 1 MNIST as its meta-training sees them: the real tasks and
+    Task A checkpoint (``cache``; trained there first if absent) with ``data_root``, else random
+    MNIST-shaped images and the seeded untrained LeNet (the same shapes, hence the same time per
+    inner step; the curriculum is disabled for the timing anyway)."""
     from lrmt_fast import suite
     from lrmt_fast.config import config_path, load_spec
     from lrmt_fast.meta_training import FreshHeadStream
-    from lrmt_fast.pretrain import load_or_pretrain
     from lrmt_fast.student import param_dict
 
     exp = suite.get("exp1-mnist")
     spec = load_spec(config_path(exp.config), profile, exp.pretrain_cls)
-    tasks = exp.load_tasks(spec, suite.Sources(data_root=data_root, download=False))
-    model, _ = load_or_pretrain(cache, tasks.a, tasks.b.num_classes, spec.pretrain, device, False, log)
-    w0 = param_dict(model)
-    xb1, yb1 = tasks.b1
     mt = spec.metatrain
-    stream = FreshHeadStream(w0, tasks.a.train_x, tasks.a.train_y, xb1, yb1, mt.batch_a, mt.batch_b, device)
-    return spec, model, stream
+    if data_root:
+        from lrmt_fast.pretrain import load_or_pretrain
+        tasks = exp.load_tasks(spec, suite.Sources(data_root=data_root, download=False))
+        model, _ = load_or_pretrain(cache, tasks.a, tasks.b.num_classes, spec.pretrain, device, False, log)
+        (xa, ya), (xb1, yb1) = (tasks.a.train_x, tasks.a.train_y), tasks.b1
+        data = f"MNIST / FashionMNIST from {data_root}, Task A checkpoint from {cache}"
+    else:
+        from lrmt_fast.models import LeNet
+        torch.manual_seed(spec.pretrain.seed)
+        model = LeNet().to(device)
+        (xa, ya), (xb1, yb1) = synthetic_mnist(4096, 1), synthetic_mnist(4096, 2)
+        data = "synthetic MNIST-shaped images, untrained LeNet (no --data-root)"
+    stream = FreshHeadStream(param_dict(model), xa, ya, xb1, yb1, mt.batch_a, mt.batch_b, device)
+    return spec, model, stream, data
 
 
 def _int_list(text: str) -> List[int]:
@@ -353,7 +378,8 @@ def _int_list(text: str) -> List[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from lrmt_fast.cli import positive_float, positive_int
-    p.add_argument("--data-root", default=None, help="folder with MNIST and FashionMNIST (torchvision layout)")
+    p.add_argument("--data-root", default=None,
+                   help="folder with MNIST and FashionMNIST (torchvision layout); default: synthetic images")
     p.add_argument("--cache", default=os.path.join("runs", "e2e_cache"),
                    help="folder of the Task A checkpoint (trained there first if absent)")
     p.add_argument("--profile", default="quick", help="the exp1-mnist profile whose meta-training settings are used")
@@ -363,26 +389,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="inner steps per block (default 2 windows)")
     p.add_argument("--min-time", type=positive_float, default=20.0, help="seconds of timed steps per configuration")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=os.path.join("runs", "bench"), help="results folder (default runs/bench)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="results folder (default runs/bench)")
     p.add_argument("--update-records", action="store_true",
                    help="also write the committed copy under benchmarks/results/")
-
-
-def records_dir() -> str:
-    """benchmarks/results/ of this checkout (the committed records)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "benchmarks", "results")
 
 
 def run(a, log=print) -> Dict:
     from lrmt_fast.checkpoint import atomic_write_json, atomic_write_text
 
-    from .measure import GemmProbe, copy_bandwidth, cpu_model, device_name, gemm_peak, git_commit, load_average, now
+    from .measure import GemmProbe, copy_bandwidth, cpu_model, device_name, gemm_peak, git_commit, load_average, \
+        now, out_dirs
 
     impls = [i.strip() for i in a.impls.split(",") if i.strip()]
     for i in impls:
         step_impl_kwargs(i)
-    spec, model, stream = build_experiment(a.data_root, a.cache, a.profile, a.device, log)
+    spec, model, stream, data = build_experiment(a.data_root, a.cache, a.profile, a.device, log)
     mt = spec.metatrain
     steps = a.steps or 2 * a.bptt
     limits: Dict[str, float] = {}
@@ -404,7 +425,7 @@ def run(a, log=print) -> Dict:
     for r in recs:
         r["speedup_vs_" + impls[0]] = base[r["threads"]]["ms_per_step_median"] / r["ms_per_step_median"]
         r["throughput_vs_min_threads"] = one[r["impl"]]["ms_per_step_median"] / r["ms_per_step_median"]
-    out = {"case": "exp1_mnist_inner_step", "profile": a.profile, "device": device_name(a.device),
+    out = {"case": "exp1_mnist_inner_step", "profile": a.profile, "data": data, "device": device_name(a.device),
            "cpu_model": cpu_model() if a.device == "cpu" else None, "torch_version": torch.__version__,
            "commit": git_commit(), "date": now(), "load_avg_start": load_start, "load_avg_end": load_average(),
            "batch_a": mt.batch_a, "batch_b": mt.batch_b, "bptt": a.bptt, "steps_per_block": steps,
@@ -413,8 +434,7 @@ def run(a, log=print) -> Dict:
     log("")
     log(txt)
     stem = f"inner_step_{device_name(a.device).replace('/', '_')}"
-    dirs = [a.out] + ([records_dir()] if a.update_records else [])
-    for d in dirs:
+    for d in out_dirs(a.out, a.update_records):
         os.makedirs(d, exist_ok=True)
         atomic_write_json(os.path.join(d, stem + ".json"), out, what="benchmark record")
         atomic_write_text(os.path.join(d, stem + ".txt"), txt + "\n", what="benchmark table")
