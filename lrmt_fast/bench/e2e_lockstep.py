@@ -6,9 +6,10 @@ K = 1, 4, 16 and the fused and reference meta-update op, in one run on Exp 1 MNI
     python -m lrmt_fast.bench.e2e_lockstep --data-root data --threads 1,2
 
 Every configuration (op x K x threads) runs :func:`lrmt_fast.meta_training.run_episode` with
-the fast inner step on episodes of ``--steps`` lockstep steps (the curriculum threshold
-disabled, T-BPTT windows of ``--bptt``), in alternating blocks with the GEMM of the peak (as
-:mod:`lrmt_fast.bench.inner_step`), until each has ``--min-time`` seconds. Per configuration:
+the fast inner step on episodes (blocks) of ``--steps`` x max(K) / K lockstep steps, i.e. of
+about equal length (the curriculum threshold disabled, T-BPTT windows of ``--bptt``), in
+alternating blocks with the GEMM of the peak (as :mod:`lrmt_fast.bench.inner_step`), until each
+has ``--min-time`` seconds and 3 blocks. Per configuration:
 
 - ``ms_per_lockstep_step``: one step of all K episodes and the Adam step (median over blocks);
 - ``ms_per_inner_step``: that over K; ``inner_steps_per_s``: K over it, the inner steps per
@@ -16,8 +17,8 @@ disabled, T-BPTT windows of ``--bptt``), in alternating blocks with the GEMM of 
 - ``fraction_of_limit``: K x the step's FLOP / byte bound (:func:`inner_step.step_cost`) over
   the lockstep step's time, against the best-of-5 GEMM at the start and (``_interleaved``) the
   GEMM timed in the same blocks;
-- ``peak_mem_bytes``: the peak of the bytes live in torch's allocator during one whole
-  episode of ``--steps`` lockstep steps (every window's graph), above its start
+- ``peak_mem_bytes``: the peak of the bytes live in torch's allocator during one episode of
+  min(``--steps``, 2 windows) lockstep steps (a whole window's graph), above its start
   (:func:`lrmt_fast.bench.measure.peak_memory_of`).
 
 Without ``--data-root`` the images are random MNIST-shaped ones and Task A the seeded untrained
@@ -64,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}bptt", dest="e2e_bptt", type=positive_int, default=5,
                    help="T-BPTT window (default 5, the profiles' start)")
     p.add_argument(f"--{prefix}steps", dest="e2e_steps", type=positive_int, default=None,
-                   help="lockstep steps per timed block (default 2 windows)")
+                   help="lockstep steps per timed block at the largest K (default 2 windows); K takes "
+                        "that x max(K) / K")
     p.add_argument(f"--{prefix}profile", dest="e2e_profile", default="quick",
                    help="the exp1-mnist profile whose meta-training settings are used (default quick)")
 
@@ -87,12 +89,14 @@ def measure(data_root, cache, profile: str, device: str, threads: List[int], ops
     log(f"[{device}] fp32 GEMM peak " + ", ".join(f"{limits[f'gemm_peak_flops_{t}t'] / 1e9:.1f} GFLOP/s at {t}t"
                                                  for t in threads)
         + f"; copy bandwidth {limits['mem_bw_bytes_per_s'] / 1e9:.1f} GB/s; load {load_average()}; {data}")
-    runners = [StepRunner(model, stream, mt, "fast", t, steps, bptt, device, k_eps=k, op_impl=op,
-                          name=f"{op}/K={k}/{t}t")
+    # blocks of about equal length: K episodes x steps_k lockstep steps with steps_k = steps * max(K) / K
+    kmax = max(ks)
+    runners = [StepRunner(model, stream, mt, "fast", t, max(bptt, steps * kmax // k), bptt, device, k_eps=k,
+                          op_impl=op, name=f"{op}/K={k}/{t}t")
                for t in threads for op in ops for k in ks]
     probes = {t: GemmProbe(device) for t in threads}
     load_start = load_average()
-    ptimes = time_interleaved(runners, probes, min_time, log=log)
+    ptimes = time_interleaved(runners, probes, min_time, log=log, warmup_steps=min(steps, bptt + 1))
     peak_same = {t: probes[t].flops_per_s(ptimes[t]) for t in threads}
     cost = step_cost(model, runners[0].meta, mt.batch_a, mt.batch_b, bptt)
     recs = []
@@ -100,7 +104,7 @@ def measure(data_root, cache, profile: str, device: str, threads: List[int], ops
         times = sorted(r.block_s)
         med = times[len(times) // 2]
         gc.collect()
-        mem = peak_memory_of(lambda: r.run_block(timed=False), device)
+        mem = peak_memory_of(lambda: r.run_block(timed=False, steps=min(r.steps, 2 * bptt)), device)
 
         def frac(peak):
             bound = max(r.k_eps * cost["flops_per_step"] / peak,
@@ -111,7 +115,7 @@ def measure(data_root, cache, profile: str, device: str, threads: List[int], ops
             "op": r.op_impl, "episodes_per_step": r.k_eps, "threads": r.threads,
             "ms_per_lockstep_step": 1e3 * med, "ms_per_lockstep_step_min": 1e3 * times[0],
             "ms_per_inner_step": 1e3 * med / r.k_eps, "inner_steps_per_s": r.k_eps / med,
-            "blocks": len(times), "lockstep_steps_timed": r.steps_done,
+            "blocks": len(times), "lockstep_steps_timed": r.steps_done, "lockstep_steps_per_block": r.steps,
             "fraction_of_limit": frac(limits[f"gemm_peak_flops_{r.threads}t"]),
             "fraction_of_limit_interleaved": frac(peak_same[r.threads]),
             "gemm_peak_flops": limits[f"gemm_peak_flops_{r.threads}t"],
@@ -135,7 +139,8 @@ def measure(data_root, cache, profile: str, device: str, threads: List[int], ops
             "device": device_name(device), "cpu_model": cpu_model() if device == "cpu" else None,
             "torch_version": torch.__version__, "commit": git_commit(), "date": now(),
             "load_avg_start": load_start, "load_avg_end": load_average(), "batch_a": mt.batch_a,
-            "batch_b": mt.batch_b, "bptt": bptt, "lockstep_steps_per_block": steps, "limits": limits,
+            "batch_b": mt.batch_b, "bptt": bptt, "lockstep_steps_per_block_at_kmax": steps,
+            "peak_mem_steps": min(steps, 2 * bptt), "limits": limits,
             "flops_per_inner_step": cost["flops_per_step"], "bytes_per_inner_step": cost["bytes_per_step"],
             "records": recs}
 
@@ -158,7 +163,7 @@ def table(out: Dict) -> str:
                  f"(same op, threads); vs ref: lockstep step time of the reference op over this one; frac.limit = "
                  f"K x {out['flops_per_inner_step'] / 1e9:.2f} GFLOP / GEMM peak (best of 5 at the start) over the "
                  f"lockstep step time, frac.same against the GEMM timed in the same blocks; peak MB = allocator "
-                 f"peak over one episode of {out['lockstep_steps_per_block']} lockstep steps (T-BPTT {out['bptt']})")
+                 f"peak over one episode of {out['peak_mem_steps']} lockstep steps (T-BPTT {out['bptt']})")
     return "\n".join(lines)
 
 

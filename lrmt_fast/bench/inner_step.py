@@ -201,11 +201,17 @@ class StepRunner:
         self.name = name or f"{impl}/{threads}t"
         self.device = device
 
-    def run_block(self, timed: bool = True):
-        """One episode (K in lockstep) of ``steps`` inner steps; with ``timed`` its wall time
-        and stage times are added to this runner's."""
+    def run_block(self, timed: bool = True, steps: Optional[int] = None):
+        """One episode (K in lockstep) of ``steps`` (default: the runner's) inner steps; with
+        ``timed`` its wall time and stage times are added to this runner's."""
         from lrmt_fast.meta_training import _episode_gen, run_episode
         torch.set_num_threads(self.threads)
+        if steps is not None and steps != self.cfg.max_steps:
+            saved, self.cfg = self.cfg, dataclasses.replace(self.cfg, max_steps=steps)
+            try:
+                return self.run_block(timed, None)
+            finally:
+                self.cfg = saved
         eps = [self.stream.new_episode(self.episode, _episode_gen(self.cfg, j, self.episode))
                for j in range(self.k_eps)]
         self.episode += 1
@@ -246,12 +252,14 @@ def step_impl_kwargs(impl: str) -> Dict:
 
 
 def time_interleaved(runners: List[StepRunner], probes: Dict[int, object], min_time: float, warmup: int = 1,
-                     log=print) -> Dict[int, List[float]]:
+                     log=print, warmup_steps: Optional[int] = None) -> Dict[int, List[float]]:
     """Alternate one block (episode) of each runner, and ~0.25 s of GEMM probe calls at each
-    thread count, until every runner has ``min_time`` s. Returns the probe times per thread count."""
+    thread count, until every runner has ``min_time`` s (and at least 3 rounds). ``warmup``
+    untimed blocks of ``warmup_steps`` steps (default: the runner's) first. Returns the probe
+    times per thread count."""
     for r in runners:
         for _ in range(warmup):
-            r.run_block()
+            r.run_block(timed=False, steps=warmup_steps)
         r.timer.reset()
         r.block_s.clear()
         r.steps_done, r.wall = 0, 0.0
