@@ -268,8 +268,8 @@ def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: floa
                 step_deltas.append({lay.key: (deltas[lay.key].detach(), pack_rows(seen["g"], lay))
                                     for lay in meta.layers})
             # the gradient of the mean of the K losses, one episode's part at a time, right after its
-            # forward (its activations still in cache; K graphs backward at the end of the step ran
-            # 3% slower at K=2): theta.grad accumulates sum_k (1/K) dL_k/dtheta
+            # forward (its activations are still in cache then): theta.grad accumulates
+            # sum_k (1/K) dL_k/dtheta, the mean's gradient up to the order of the float additions
             with stage("backward"):
                 (losses[-1] if k_eps == 1 else losses[-1] / k_eps).backward(retain_graph=True)
         each = [float(l.detach()) for l in losses]

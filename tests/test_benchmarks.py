@@ -224,3 +224,34 @@ def test_bench_e2e_lockstep_record(tmp_path):
     assert rec["flops_per_inner_step"] > 1e9 and "synthetic" in rec["data"]
     with pytest.raises(ValueError, match="--e2e"):
         report.run(build_parser().parse_args(["bench", "--e2e", "--no-write"]))
+
+
+def test_inner_step_profile_record(tmp_path):
+    """lrmt_fast.bench.inner_step: per stage times that add up to the step, the step's FLOPs and
+    bytes, both fractions of the limit, the reference (module) and fast steps in alternating blocks,
+    and the meta-training estimate from two windows."""
+    import json
+
+    from lrmt_fast.bench import inner_step
+    p = __import__("argparse").ArgumentParser()
+    inner_step.add_arguments(p)
+    a = p.parse_args(["--threads", "1", "--bptt", "2,3", "--min-time", "0.01", "--out", str(tmp_path),
+                      "--estimate-profile", "quick", "--episode-steps", "7"])
+    inner_step.run(a, log=lambda s: None)
+    rec = json.loads((tmp_path / "inner_step_cpu-x86_64.json").read_text())
+    assert (tmp_path / "inner_step_cpu-x86_64.txt").exists()
+    assert [(r["impl"], r["bptt"]) for r in rec["records"]] == [("module", 2), ("fast", 2), ("module", 3), ("fast", 3)]
+    for r in rec["records"]:
+        assert set(r["stage_ms"]) == set(inner_step.STAGE_ORDER)
+        assert sum(r["stage_ms"].values()) == pytest.approx(r["ms_per_step_mean"])
+        assert r["stage_ms"]["teacher"] > 0 and r["stage_ms"]["backward"] > 0 and r["stage_ms"]["op"] > 0
+        assert 0 < r["fraction_of_limit"] < 2 and 0 < r["fraction_of_limit_interleaved"] < 2
+        assert r["flops_per_step"] == rec["cost"][str(r["bptt"])]["flops_per_step"]
+    c2, c3 = rec["cost"]["2"], rec["cost"]["3"]
+    assert c3["flops_per_step"] > c2["flops_per_step"] > 1e9      # half an op backward more per step
+    assert c3["op_backwards_per_step"] == 2.0 and c2["op_backwards_per_step"] == 1.5
+    est = rec["metatraining_estimate"]
+    assert est["profile"] == "quick" and est["inner_steps"] == est["episodes"] * 7
+    assert {(e["impl"], e["threads"]) for e in est["by_config"]} == {("module", 1), ("fast", 1)}
+    assert all(e["estimate_s"] > 0 for e in est["by_config"])
+    assert inner_step.avg_op_backwards(10, 5) == 3.0 and inner_step.avg_op_backwards(35, 11) == pytest.approx(201 / 35)

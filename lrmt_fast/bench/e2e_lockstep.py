@@ -37,7 +37,7 @@ from typing import Dict, List
 
 import torch
 
-from .inner_step import StepRunner, _int_list, build_experiment, step_cost, time_interleaved
+from .inner_step import ENV_KEYS, StepRunner, _int_list, build_experiment, step_cost, time_interleaved
 from .measure import DEFAULT_OUT
 
 OPS = ("fused", "reference")
@@ -138,7 +138,8 @@ def measure(data_root, cache, profile: str, device: str, threads: List[int], ops
     return {"case": "exp1_mnist_metatrain_lockstep", "profile": profile, "data": data,
             "device": device_name(device), "cpu_model": cpu_model() if device == "cpu" else None,
             "torch_version": torch.__version__, "commit": git_commit(), "date": now(),
-            "load_avg_start": load_start, "load_avg_end": load_average(), "batch_a": mt.batch_a,
+            "load_avg_start": load_start, "load_avg_end": load_average(),
+            "env": {k: os.environ.get(k) for k in ENV_KEYS}, "batch_a": mt.batch_a,
             "batch_b": mt.batch_b, "bptt": bptt, "lockstep_steps_per_block_at_kmax": steps,
             "peak_mem_steps": min(steps, 2 * bptt), "limits": limits,
             "flops_per_inner_step": cost["flops_per_step"], "bytes_per_inner_step": cost["bytes_per_step"],

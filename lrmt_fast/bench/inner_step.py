@@ -2,7 +2,7 @@
 :func:`lrmt_fast.meta_training.run_episode`) on Exp 1 MNIST: time per stage, FLOPs and bytes of
 the step, and its roofline against the GEMM peak and copy bandwidth measured in the same run.
 
-    python -m lrmt_fast.bench.inner_step --data-root data --threads 1,2 [--bptt 5] [--out runs/bench]
+    python -m lrmt_fast.bench.inner_step --data-root data --threads 1,2 [--bptt 5,11] [--out runs/bench]
 
 Stages (``meta_training.STAGES``): ``data`` (drawing the batches), ``teacher`` (the multi-task
 teacher's SGD step on x_A u x_B), ``student_grad`` (the student's gradient and activation
@@ -26,6 +26,15 @@ student's trunk) plus the op's forward and its backward once per step of the win
 counted in the FLOPs (it is in the bytes). The limit of a step is max(FLOPs / GEMM peak, bytes /
 copy bandwidth); ``fraction_of_limit`` = limit / measured step time.
 
+With two or more windows (``--bptt 5,11``) the record also estimates the wall time of a whole
+meta-training (``--estimate-profile``, default ``paper``: 4000 episodes and its T-BPTT schedule)
+for episodes of ``--episode-steps`` inner steps (default 35, about what the union-batch teacher's
+curriculum gives; an assumption, stated in the record): the step time is a line in the number of
+op backwards per step through the measured windows (:func:`estimate_metatraining`).
+
+Without ``--data-root`` the images are random MNIST-shaped ones and Task A the seeded untrained
+LeNet (:func:`build_experiment`): the shapes and hence the step time are the real ones.
+
 Writes ``inner_step_<device>.json`` and ``inner_step_<device>.txt`` (the table) under ``--out``
 (default ``runs/bench``), each once at the end, atomically; ``--update-records`` also writes the
 committed copy under ``benchmarks/results/``.
@@ -44,6 +53,8 @@ from torch import nn
 
 from .measure import DEFAULT_OUT
 
+# the environment that decides how threads behave (recorded with the results)
+ENV_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "LRMT_IMPL", "LRMT_CPU_BLAS")
 STAGE_ORDER = ("data", "teacher", "student_grad", "op", "reps", "backward", "adam", "other")
 
 
@@ -307,15 +318,72 @@ def summarize(r: StepRunner, cost: Dict, limits: Dict[str, float], peak_same: fl
         "achieved_flops": cost["flops_per_step"] / med,
         "fraction_of_limit": frac(med, limits[f"gemm_peak_flops_{r.threads}t"]),
         "fraction_of_limit_interleaved": frac(med, peak_same),
+        "flops_per_step": cost["flops_per_step"], "bytes_per_step": cost["bytes_per_step"],
         "stage_fraction_of_limit": {k: (cost["stage_flops"][k] / peak_same) / (stage_ms[k] / 1e3)
                                     for k in cost["stage_flops"] if stage_ms.get(k)},
     }
 
 
+def _label(r: Dict, with_bptt: bool) -> str:
+    return f"{r['impl']}/{r['threads']}t" + (f"/s{r['bptt']}" if with_bptt else "")
+
+
+def avg_op_backwards(steps: int, bptt: int) -> float:
+    """Op backwards per inner step, averaged over an episode of ``steps`` steps with T-BPTT
+    windows of ``bptt``: step t of a window backpropagates through t op calls."""
+    return sum((t % bptt) + 1 for t in range(steps)) / steps
+
+
+def estimate_metatraining(recs: List[Dict], profile: str, episode_steps: int) -> Dict:
+    """Wall time of the exp1-mnist ``profile``'s meta-training from the measured step times: per
+    (impl, threads), a line t(step) = t0 + t_bwd x (op backwards per step) through the medians at
+    the measured windows, then summed over the profile's episodes (its T-BPTT schedule), each of
+    ``episode_steps`` steps (its curriculum may end episodes earlier or later: the length is an
+    assumption, stated in the record)."""
+    from lrmt_fast import suite
+    from lrmt_fast.config import config_path, load_spec
+    from lrmt_fast.meta_training import schedule
+
+    exp = suite.get("exp1-mnist")
+    cfg = load_spec(config_path(exp.config), profile, exp.pretrain_cls).metatrain
+    out = {"profile": profile, "episodes": cfg.episodes, "episode_steps": episode_steps,
+           "inner_steps": cfg.episodes * episode_steps, "by_config": []}
+    groups: Dict = {}
+    for r in recs:
+        groups.setdefault((r["impl"], r["threads"]), []).append(r)
+    for (impl, threads), rs in groups.items():
+        pts = sorted((avg_op_backwards(r["steps_per_block"], r["bptt"]), r["ms_per_step_median"] / 1e3) for r in rs)
+        if len(pts) < 2:
+            continue
+        (x0, y0), (x1, y1) = pts[0], pts[-1]
+        slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
+        total = 0.0
+        for ep in range(cfg.episodes):
+            _, b = schedule(cfg, ep)
+            total += episode_steps * (y0 + slope * (avg_op_backwards(episode_steps, b) - x0))
+        out["by_config"].append({"impl": impl, "threads": threads, "s_per_op_backward": slope,
+                                 "s_per_step_at": {str(r["bptt"]): r["ms_per_step_median"] / 1e3 for r in rs},
+                                 "estimate_s": total, "estimate_h": total / 3600,
+                                 "mean_s_per_step": total / out["inner_steps"]})
+    return out
+
+
+def estimate_text(est: Dict) -> str:
+    lines = [f"estimated meta-training of the {est['profile']} profile: {est['episodes']} episodes x "
+             f"{est['episode_steps']} inner steps (assumed) = {est['inner_steps']} steps, its T-BPTT schedule"]
+    for e in est["by_config"]:
+        lines.append(f"  {e['impl']}/{e['threads']}t: {e['mean_s_per_step'] * 1e3:.1f} ms/step on average, "
+                     f"{e['estimate_h']:.2f} h ({1e3 * e['s_per_op_backward']:.1f} ms per op backward)")
+    return "\n".join(lines)
+
+
 def table(recs: List[Dict], cost: Dict) -> str:
+    """Stages x configurations; the GFLOP / MB columns are those of ``cost`` (the first window)."""
     lines = []
-    head = f"{'stage':14s}" + "".join(f"{r['impl'] + '/' + str(r['threads']) + 't':>22s}" for r in recs) \
-        + f"{'GFLOP':>8s}{'MB':>8s}"
+    many = len({r["bptt"] for r in recs}) > 1
+    head = f"{'stage':14s}" + "".join(
+        f"{_label(r, many):>22s}"
+        for r in recs) + f"{'GFLOP':>8s}{'MB':>8s}"
     lines += [head, "-" * len(head)]
     for k in STAGE_ORDER:
         row = f"{k:14s}" + "".join(f"{r['stage_ms'][k]:9.2f} ms {r['stage_pct'][k]:5.1f}%    " for r in recs)
@@ -326,6 +394,7 @@ def table(recs: List[Dict], cost: Dict) -> str:
     lines.append(f"{'step (mean)':14s}" + "".join(f"{r['ms_per_step_mean']:9.2f} ms {'':11s}" for r in recs)
                  + f"{cost['flops_per_step'] / 1e9:8.3f}{cost['bytes_per_step'] / 1e6:8.1f}")
     lines.append(f"{'step (median)':14s}" + "".join(f"{r['ms_per_step_median']:9.2f} ms {'':11s}" for r in recs))
+    lines.append(f"{'GFLOP/step':14s}" + "".join(f"{r['flops_per_step'] / 1e9:9.3f}    {'':11s}" for r in recs))
     lines.append(f"{'GFLOP/s':14s}" + "".join(f"{r['achieved_flops'] / 1e9:9.1f}    {'':11s}" for r in recs))
     lines.append(f"{'frac. limit':14s}" + "".join(
         f"{100 * r['fraction_of_limit']:8.1f}% / {100 * r['fraction_of_limit_interleaved']:4.1f}%{'':6s}"
@@ -393,7 +462,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="quick", help="the exp1-mnist profile whose meta-training settings are used")
     p.add_argument("--threads", type=_int_list, default=[1], help="thread counts, e.g. 1,2 (default 1)")
     p.add_argument("--impls", default=",".join(step_impls()), help="step implementations (default: all)")
-    p.add_argument("--bptt", type=positive_int, default=5, help="T-BPTT window (default 5, the profiles' start)")
+    p.add_argument("--bptt", type=_int_list, default=[5],
+                   help="T-BPTT windows, e.g. 5,11 (default 5, the profiles' start); with two or more the record "
+                        "estimates the meta-training time of --estimate-profile")
+    p.add_argument("--estimate-profile", default="paper",
+                   help="the exp1-mnist profile whose meta-training time is estimated (default paper)")
+    p.add_argument("--episode-steps", type=positive_int, default=35,
+                   help="inner steps per episode assumed by the estimate (default 35: the union-batch teacher)")
     p.add_argument("--steps", type=positive_int, default=None, help="inner steps per block (default 2 windows)")
     p.add_argument("--min-time", type=positive_float, default=20.0, help="seconds of timed steps per configuration")
     p.add_argument("--device", default="cpu")
@@ -413,7 +488,7 @@ def run(a, log=print) -> Dict:
         step_impl_kwargs(i)
     spec, model, stream, data = build_experiment(a.data_root, a.cache, a.profile, a.device, log)
     mt = spec.metatrain
-    steps = a.steps or 2 * a.bptt
+    bptts = list(a.bptt)
     limits: Dict[str, float] = {}
     for t in a.threads:
         torch.set_num_threads(t)
@@ -422,23 +497,30 @@ def run(a, log=print) -> Dict:
     log(f"[{a.device}] fp32 GEMM peak " + ", ".join(f"{limits[f'gemm_peak_flops_{t}t'] / 1e9:.1f} GFLOP/s at {t}t"
                                                      for t in a.threads)
         + f"; copy bandwidth {limits['mem_bw_bytes_per_s'] / 1e9:.1f} GB/s; load {load_average()}")
-    runners = [StepRunner(model, stream, mt, impl, t, steps, a.bptt, a.device) for t in a.threads for impl in impls]
+    runners = [StepRunner(model, stream, mt, impl, t, a.steps or 2 * b, b, a.device,
+                          name=f"{impl}/{t}t" + (f"/s{b}" if len(bptts) > 1 else ""))
+               for b in bptts for t in a.threads for impl in impls]
     probes = {t: GemmProbe(a.device) for t in a.threads}
     load_start = load_average()
     ptimes = time_interleaved(runners, probes, a.min_time, log=log)
-    cost = step_cost(model, runners[0].meta, mt.batch_a, mt.batch_b, a.bptt)
-    recs = [summarize(r, cost, limits, probes[r.threads].flops_per_s(ptimes[r.threads])) for r in runners]
-    base = {r["threads"]: r for r in recs if r["impl"] == impls[0]}
-    one = {r["impl"]: r for r in recs if r["threads"] == min(a.threads)}
+    costs = {b: step_cost(model, runners[0].meta, mt.batch_a, mt.batch_b, b) for b in bptts}
+    recs = [summarize(r, costs[r.bptt], limits, probes[r.threads].flops_per_s(ptimes[r.threads])) for r in runners]
+    base = {(r["threads"], r["bptt"]): r for r in recs if r["impl"] == impls[0]}
+    one = {(r["impl"], r["bptt"]): r for r in recs if r["threads"] == min(a.threads)}
     for r in recs:
-        r["speedup_vs_" + impls[0]] = base[r["threads"]]["ms_per_step_median"] / r["ms_per_step_median"]
-        r["throughput_vs_min_threads"] = one[r["impl"]]["ms_per_step_median"] / r["ms_per_step_median"]
+        r["speedup_vs_" + impls[0]] = base[(r["threads"], r["bptt"])]["ms_per_step_median"] / r["ms_per_step_median"]
+        r["throughput_vs_min_threads"] = one[(r["impl"], r["bptt"])]["ms_per_step_median"] / r["ms_per_step_median"]
+    estimate = estimate_metatraining(recs, a.estimate_profile, a.episode_steps) if len(bptts) > 1 else None
     out = {"case": "exp1_mnist_inner_step", "profile": a.profile, "data": data, "device": device_name(a.device),
            "cpu_model": cpu_model() if a.device == "cpu" else None, "torch_version": torch.__version__,
            "commit": git_commit(), "date": now(), "load_avg_start": load_start, "load_avg_end": load_average(),
-           "batch_a": mt.batch_a, "batch_b": mt.batch_b, "bptt": a.bptt, "steps_per_block": steps,
-           "teacher": dataclasses.asdict(mt.teacher), "limits": limits, "cost": cost, "records": recs}
-    txt = table(recs, cost)
+           "env": {k: os.environ.get(k) for k in ENV_KEYS},
+           "batch_a": mt.batch_a, "batch_b": mt.batch_b, "bptt": bptts,
+           "teacher": dataclasses.asdict(mt.teacher), "limits": limits, "cost": {str(b): c for b, c in costs.items()},
+           "records": recs, "metatraining_estimate": estimate}
+    txt = table(recs, costs[bptts[0]])
+    if estimate:
+        txt += "\n" + estimate_text(estimate)
     log("")
     log(txt)
     stem = f"inner_step_{device_name(a.device).replace('/', '_')}"
