@@ -98,14 +98,16 @@ if [ "$QUICK" != 1 ]; then
     --benchmark-json "benchmarks/results/${DEV}_pytest_benchmark.json"
 fi
 stage "lrmt bench (CUDA): records, table and roofline (min time $MIN_TIME s, compile timeout $COMPILE_TIMEOUT s)"
-run "${BENCH_LIMIT:-1800}" python -m lrmt_fast.bench.report --device cuda --min-time "$MIN_TIME" --compile-timeout "$COMPILE_TIMEOUT"
+run "${BENCH_LIMIT:-1800}" python -m lrmt_fast.bench.report --device cuda --min-time "$MIN_TIME" --compile-timeout "$COMPILE_TIMEOUT" \
+  --update-records
 stage "TF32: the tolerance rule with TF32 GEMMs (benchmarks/tf32_check.py)"
-run 120 python -m lrmt_fast.bench.tf32_check
+run 120 python -m lrmt_fast.bench.tf32_check --update-records
 stage "meta-test step of 'ours' on ResNet-32 GN, with and without the gate trace (benchmarks/test_meta_test_step.py)"
 run 300 python -m pytest -q benchmarks/test_meta_test_step.py --benchmark-only -k cuda \
   --benchmark-json "benchmarks/results/${DEV}_ours_step.json"
 stage "end to end: Exp 1 CIFAR meta-training (ResNet-32 GN, quick settings, synthetic images), fused vs reference"
-run 300 python -m lrmt_fast.bench.e2e_exp1_cifar_metatrain --device cuda --episodes "${E2E_EPISODES:-3}" --max-steps 20
+run 300 python -m lrmt_fast.bench.e2e_exp1_cifar_metatrain --device cuda --episodes "${E2E_EPISODES:-3}" --max-steps 20 \
+  --update-records
 stage "CUDA end-to-end tests (experiment smoke runs on the GPU, NCCL)"
 run 300 python -m pytest -q -m cuda tests/test_exp1_cli.py tests/test_cifar_experiments.py tests/test_distributed.py \
   tests/test_gate_trace.py

@@ -149,3 +149,19 @@ if AVAILABLE:
     @torch.library.register_fake("lrmt_fast::feature_scale_net")
     def _feature_scale_net_fake(w, wb, g, gb, pre, post, h, c, theta, flags):
         return w[0].new_empty((len(w), 4))
+
+    if hasattr(torch.ops.lrmt_fast, "relu_max_pool2"):   # csrc/pool.cpp (CPU kernels)
+        def _like(x, shape, dtype=None):
+            cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            return torch.empty(shape, dtype=dtype or x.dtype, device=x.device,
+                               memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+        @torch.library.register_fake("lrmt_fast::relu_max_pool2")
+        def _relu_max_pool2_fake(x):
+            n, c, h, w = x.shape
+            return _like(x, (n, c, h // 2, w // 2)), _like(x, (n, c, h // 2, w // 2), torch.uint8)
+
+        @torch.library.register_fake("lrmt_fast::relu_max_pool2_backward")
+        def _relu_max_pool2_backward_fake(grad, out, code):
+            n, c, h, w = out.shape
+            return _like(out, (n, c, 2 * h, 2 * w))

@@ -1,7 +1,7 @@
 """Checkpoint and result files: written atomically, read without running code, one-line errors.
 
 Writing (:func:`atomic_save` for torch objects, :func:`atomic_write_json`,
-:func:`atomic_write_text`): the data goes to a temporary file with a unique name beside the
+:func:`atomic_write_text`, :func:`atomic_write_bytes`): the data goes to a temporary file with a unique name beside the
 target (``tempfile.mkstemp``, so two writers of the same file never share a temp file), is
 fsync'ed and moved into place with :func:`os.replace`. A crash, a full disk or a missing
 permission therefore never leaves a half-written file where a good one was. On any failure the
@@ -194,6 +194,12 @@ def atomic_save_figure(fig, path: str, dpi: int = 110) -> None:
 def atomic_write_text(path: str, text: str, *, what: str = "file", encoding: str = "utf-8") -> None:
     """Write ``text`` to ``path`` atomically (results, tables); :class:`WriteError` on failure."""
     data = text.encode(encoding)
+    _atomic_write(path, lambda f: f.write(data), what, len(data))
+
+
+def atomic_write_bytes(path: str, data: bytes, *, what: str = "file") -> None:
+    """Write ``data`` to ``path`` atomically (figures); :class:`WriteError` on failure."""
+    data = bytes(data)
     _atomic_write(path, lambda f: f.write(data), what, len(data))
 
 

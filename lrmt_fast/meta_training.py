@@ -23,6 +23,7 @@ uninterrupted one exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -37,7 +38,7 @@ from torch import nn
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .meta_learner import MetaLearner, find_adapted_layers, pack_rows
 from .steps import TeacherConfig, make_teacher, meta_loss, student_meta_update
-from .student import fresh_head_b
+from .student import fresh_head_b, functional
 
 Tensor = torch.Tensor
 Batch = Tuple[Tensor, Tensor]
@@ -216,8 +217,16 @@ def _sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
+def _no_stage(_name: str):
+    return _NULL_STAGE
+
+
+_NULL_STAGE = contextlib.nullcontext()
+STAGES = ("data", "teacher", "student_grad", "op", "reps", "backward", "adam")
+
+
 def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: float,
-                bptt: int, sync=None, teacher_rule=None, on_step=None) -> Dict:
+                bptt: int, sync=None, teacher_rule=None, on_step=None, stage=None, fast: bool = True) -> Dict:
     """Meta-train on one episode, or on K episodes at once (``episode`` a list: K students,
     teachers and LSTM states, in lockstep). Each inner step takes one Adam step on the mean of
     the K meta-losses (the gradient of the mean = the mean of K data-parallel ranks' gradients);
@@ -228,8 +237,15 @@ def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: floa
     and, for the multi-task teacher, ``teacher_ce_a`` (its CE_A on its Task A batch per step,
     the mean over the K) and ``teacher_ce_a_rise`` (:func:`ce_a_rise`).
     ``on_step(step, loss, gates)``, if given, sees every inner step (1-based step, the mean
-    meta-loss, one {layer key: (detached gate, the gradient it gated) [Cout, P]} per episode)."""
+    meta-loss, one {layer key: (detached gate, the gradient it gated) [Cout, P]} per episode).
+    ``stage(name)``, if given, returns a context manager wrapped around each stage of the inner
+    step (names in ``STAGES``; :mod:`lrmt_fast.bench.inner_step` times them with it).
+    ``fast``: evaluate the networks with the model's fast evaluator where it has one
+    (:func:`lrmt_fast.student.functional`: the same function, float32 rounding apart); False
+    runs the module's own code (the reference the tests compare with)."""
     sync = sync or LocalSync()
+    stage = stage or _no_stage
+    fn = functional(model, fast=fast)
     episodes = list(episode) if isinstance(episode, (list, tuple)) else [episode]
     k_eps = len(episodes)
     teacher_rule = teacher_rule or make_teacher(cfg.teacher, model, meta)
@@ -245,34 +261,44 @@ def run_episode(model, meta, opt, episode, cfg: MetaTrainConfig, threshold: floa
     ce_a: List[float] = []
     for _t in range(cfg.max_steps):
         losses, step_ce, step_deltas = [], [], []
+        opt.zero_grad(set_to_none=True)
         for sl in slots:
-            xa, ya = sl["ep"].next_a()
-            xb, yb = sl["ep"].next_b()
-            sl["teacher"], t_ce_a = teacher_rule.step(sl["teacher"], xa, ya, xb, yb, cfg.lr)
+            with stage("data"):
+                xa, ya = sl["ep"].next_a()
+                xb, yb = sl["ep"].next_b()
+            with stage("teacher"):
+                sl["teacher"], t_ce_a = teacher_rule.step(sl["teacher"], xa, ya, xb, yb, cfg.lr, fn=fn)
             if t_ce_a is not None:
                 step_ce.append(t_ce_a)
             seen = {}
             sl["student"], sl["state"], deltas, _ = student_meta_update(
                 model, meta, sl["student"], sl["state"], xb, yb, cfg.lr, impl=cfg.impl, train=True,
-                observe=None if on_step is None else (lambda _m, _d, g, _s, _p: seen.update(g=g)))
-            losses.append(meta_loss(model, sl["teacher"], sl["student"], torch.cat([xa, xb]), cfg.loss_coef,
-                                    cfg.huber_delta))
+                observe=None if on_step is None else (lambda _m, _d, g, _s, _p: seen.update(g=g)), stage=stage,
+                fn=fn)
+            with stage("reps"):
+                losses.append(meta_loss(model, sl["teacher"], sl["student"], torch.cat([xa, xb]), cfg.loss_coef,
+                                        cfg.huber_delta, fn=fn))
             if on_step is not None:
                 step_deltas.append({lay.key: (deltas[lay.key].detach(), pack_rows(seen["g"], lay))
                                     for lay in meta.layers})
-        loss = losses[0] if k_eps == 1 else torch.stack(losses).mean()
+            # the gradient of the mean of the K losses, one episode's part at a time, right after its
+            # forward (its activations are still in cache then): theta.grad accumulates
+            # sum_k (1/K) dL_k/dtheta, the mean's gradient up to the order of the float additions
+            with stage("backward"):
+                (losses[-1] if k_eps == 1 else losses[-1] / k_eps).backward(retain_graph=True)
         each = [float(l.detach()) for l in losses]
-        opt.zero_grad(set_to_none=True)
-        loss.backward(retain_graph=True)
-        sync.average_grads(meta)
-        # a non-finite meta-loss or meta-gradient never reaches Adam: the step is skipped and the
-        # episode ends. Every rank decides alike without another collective: a rank's NaN loss gives
-        # NaN gradients, and the all-reduced gradients are the same on every rank.
-        if not grads_finite(meta):
+        with stage("adam"):
+            sync.average_grads(meta)
+            # a non-finite meta-loss or meta-gradient never reaches Adam: the step is skipped and the
+            # episode ends. Every rank decides alike without another collective: a rank's NaN loss gives
+            # NaN gradients, and the all-reduced gradients are the same on every rank.
+            finite = grads_finite(meta)
+            if finite:
+                opt.step()
+        if not finite:
             opt.zero_grad(set_to_none=True)
             nonfinite = "loss" if not all(math.isfinite(v) for v in each) else "gradient"
             break
-        opt.step()
         s += 1
         last = sum(each) / k_eps
         if step_ce:
@@ -354,14 +380,32 @@ def meta_optimizer(meta: MetaLearner, cfg: MetaTrainConfig) -> torch.optim.Optim
     output weights ``w_out`` of every learner (the only path by which the gate depends on the
     LSTM's state and inputs) also decay towards 0, decoupled from the gradient (AdamW's rule):
     a gate that the meta-gradient does not pin down drifts back to input-independent instead of
-    random-walking (docs/method.md)."""
+    random-walking (docs/method.md).
+
+    Adam runs as torch's fused kernel where it has one for theta's device and dtype (CPU and
+    CUDA; one pass over theta, its gradient and moments instead of ~10 per tensor: 1.2-2 against
+    4.5 ms a step for LeNet's 36 theta tensors at one thread): the same update, equal to the
+    per-tensor loop to float32 rounding (1 ulp). A checkpoint keeps the flag it was written with."""
+    params = list(meta.parameters())
+    fused = _fused_adam_ok(params)
     if not cfg.gate_weight_decay:
-        return torch.optim.Adam(meta.parameters(), lr=cfg.meta_lr)
+        return torch.optim.Adam(params, lr=cfg.meta_lr, fused=fused)
     outs = [meta.learner(l).w_out for l in meta.layers]
     ids = {id(p) for p in outs}
-    rest = [p for p in meta.parameters() if id(p) not in ids]
+    rest = [p for p in params if id(p) not in ids]
     return torch.optim.Adam([{"params": rest}, {"params": outs, "weight_decay": cfg.gate_weight_decay}],
-                            lr=cfg.meta_lr, decoupled_weight_decay=True)
+                            lr=cfg.meta_lr, decoupled_weight_decay=True, fused=fused)
+
+
+def _fused_adam_ok(params) -> Optional[bool]:
+    """True when torch's fused Adam takes these parameters (floating point, all on one CPU or
+    CUDA device), else None (torch's default choice)."""
+    if not params:
+        return None
+    dev = params[0].device
+    if dev.type not in ("cpu", "cuda") or any(p.device != dev or not p.is_floating_point() for p in params):
+        return None
+    return True
 
 
 def save_meta_checkpoint(path, meta, opt, cfg, next_episode, history):

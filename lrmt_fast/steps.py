@@ -27,6 +27,7 @@ sgd_frozen     known answer: the same with the adapted layers of the modules nam
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .meta_learner import MetaLearner
-from .student import features, grads_and_acts, logits
+from .student import ModuleFunctional, grads_and_acts
 
 Tensor = torch.Tensor
 Params = Dict[str, Tensor]
@@ -120,19 +121,20 @@ def _sgd(leaves: Params, loss: Tensor, lrs: Dict[str, float]) -> Params:
 
 
 def teacher_sgd_step(model: nn.Module, params: Params, xa: Tensor, ya: Tensor, xb: Tensor, yb: Tensor,
-                     lr: float, loss: str = "union") -> Tuple[Params, float]:
+                     lr: float, loss: str = "union", fn=None) -> Tuple[Params, float]:
     """The multi-task teacher's SGD step on x_A u x_B (every parameter at ``lr``).
 
     ``loss="union"``: one cross-entropy over the union batch, each example through its own
     task's head (= ``F.cross_entropy`` over the concatenated batch); ``loss="sum"``:
     ``CE_A + CE_B``, two batch means. Returns (new params, the teacher's CE_A on x_A before
-    the step), the CE_A coming from the same forward pass.
+    the step), the CE_A coming from the same forward pass. ``fn``: the network's evaluator
+    (:func:`lrmt_fast.student.functional`; default: the module's own code).
     """
     if loss not in TEACHER_LOSSES:
         raise ValueError(f"teacher loss must be one of {list(TEACHER_LOSSES)}, got {loss!r}")
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     na = xa.shape[0]
-    z = features(model, leaves, torch.cat([xa, xb]))
+    z = (fn or ModuleFunctional(model)).features(leaves, torch.cat([xa, xb]))
     ce_a = F.cross_entropy(head_logits(leaves, "a", z[:na]), ya, reduction="none")
     ce_b = F.cross_entropy(head_logits(leaves, "b", z[na:]), yb, reduction="none")
     if loss == "union":
@@ -175,11 +177,11 @@ class Teacher:
         return self._lrs
 
     def step(self, params: Params, xa: Tensor, ya: Tensor, xb: Tensor, yb: Tensor,
-             lr: float) -> Tuple[Params, Optional[float]]:
+             lr: float, fn=None) -> Tuple[Params, Optional[float]]:
         if self.cfg.kind == "multitask":
-            return teacher_sgd_step(self.model, params, xa, ya, xb, yb, lr, self.cfg.loss)
+            return teacher_sgd_step(self.model, params, xa, ya, xb, yb, lr, self.cfg.loss, fn=fn)
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        loss = F.cross_entropy(logits(self.model, leaves, xb, "b"), yb)
+        loss = F.cross_entropy((fn or ModuleFunctional(self.model)).logits(leaves, xb, "b"), yb)
         return _sgd(leaves, loss, self._lr_table(params, lr)), None
 
 
@@ -196,7 +198,7 @@ def adapted_modules(meta: MetaLearner) -> List[str]:
 
 def student_meta_update(model: nn.Module, meta: MetaLearner, params: Params, state,
                         xb: Tensor, yb: Tensor, lr: float, impl: Optional[str] = None,
-                        train: bool = False, in_place: bool = False, observe=None):
+                        train: bool = False, in_place: bool = False, observe=None, stage=None, fn=None):
     """One student step on Task B: meta-learner on the adapted trunk layers, SGD on head_b.
 
     ``train=True`` keeps the graph to theta (and snapshots theta so that it may be
@@ -205,9 +207,15 @@ def student_meta_update(model: nn.Module, meta: MetaLearner, params: Params, sta
     ``state`` without a graph (:meth:`MetaLearner.step_`) and returns those same dicts.
     ``observe(meta, deltas, grads, state, params)``, if given, is called after the meta-learner's
     update with its new state and weights (e.g. :meth:`lrmt_fast.gate_trace.GateTrace.record`).
+    ``stage(name)``, if given, is a context manager around the gradient ("student_grad") and the
+    meta-learner's update ("op") (:func:`lrmt_fast.meta_training.run_episode`'s stage timer).
+    ``fn``: the network's evaluator (:func:`lrmt_fast.student.functional`; default: the module's
+    own code, as the meta-test uses it).
     Returns (new_params, new_state, deltas, task-B loss).
     """
-    loss, grads, acts = grads_and_acts(model, params, xb, yb, "b", adapted_modules(meta))
+    stage = stage or _no_stage
+    with stage("student_grad"):
+        loss, grads, acts = grads_and_acts(model, params, xb, yb, "b", adapted_modules(meta), fn=fn)
     if in_place:
         with torch.no_grad():
             deltas = meta.step_(params, grads, acts, state, lr, impl=impl)
@@ -217,7 +225,8 @@ def student_meta_update(model: nn.Module, meta: MetaLearner, params: Params, sta
                 if k.startswith("head_b."):
                     v.sub_(grads[k], alpha=lr)
         return params, state, deltas, loss
-    new_adapted, new_state, deltas = meta.step(params, grads, acts, state, lr, impl=impl, snapshot=train)
+    with stage("op"):
+        new_adapted, new_state, deltas = meta.step(params, grads, acts, state, lr, impl=impl, snapshot=train)
     if observe is not None:
         observe(meta, deltas, grads, new_state, new_adapted)
     new_params = dict(params)
@@ -228,10 +237,19 @@ def student_meta_update(model: nn.Module, meta: MetaLearner, params: Params, sta
     return new_params, new_state, deltas, loss
 
 
+def _no_stage(_name: str):
+    return _NULL_STAGE
+
+
+_NULL_STAGE = contextlib.nullcontext()
+
+
 def meta_loss(model: nn.Module, teacher: Params, student: Params, x: Tensor, loss_coef: float,
-              huber_delta: float = 1.0) -> Tensor:
-    """``loss_coef * Huber(h_student, h_teacher, delta)``, mean over batch and features."""
+              huber_delta: float = 1.0, fn=None) -> Tensor:
+    """``loss_coef * Huber(h_student, h_teacher, delta)``, mean over batch and features (``fn``:
+    the network's evaluator, :func:`lrmt_fast.student.functional`; default: the module's code)."""
+    fn = fn or ModuleFunctional(model)
     with torch.no_grad():
-        ht = features(model, teacher, x)
-    hs = features(model, student, x)
+        ht = fn.features(teacher, x)
+    hs = fn.features(student, x)
     return loss_coef * F.huber_loss(hs, ht, delta=huber_delta)

@@ -40,20 +40,57 @@ def _call(model, params, method, *args):
         model.forward = orig
 
 
+class ModuleFunctional:
+    """A network evaluated on a parameter dict through its own module code
+    (:func:`torch.func.functional_call`; activations by :class:`ActivationCapture` hooks).
+    What every caller of this module uses; meta-training's inner step may use a faster
+    evaluator of the same function (:func:`functional`)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def features(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
+        return _call(self.model, params, "features", x)
+
+    def logits(self, params: Dict[str, Tensor], x: Tensor, head: str) -> Tensor:
+        return _call(self.model, params, "forward", x, head)
+
+    def logits_and_acts(self, params: Dict[str, Tensor], x: Tensor, head: str,
+                        modules: Iterable[str]) -> Tuple[Tensor, Dict]:
+        with ActivationCapture(self.model, modules) as acts:
+            out = self.logits(params, x, head)
+        return out, dict(acts)
+
+
+def functional(model: nn.Module, fast: bool = True):
+    """The evaluator of ``model`` on parameter dicts for meta-training's inner step: the
+    model's own fast one when it has one and ``fast`` (``model.fast_functional()``, e.g.
+    :class:`lrmt_fast.models.lenet.LeNetFunctional`: the same function and activations, float32
+    rounding apart), else :class:`ModuleFunctional` (the module's code, bit for bit)."""
+    if fast:
+        make = getattr(model, "fast_functional", None)
+        fn = make() if make is not None else None
+        if fn is not None:
+            return fn
+    return ModuleFunctional(model)
+
+
 def grads_and_acts(model: nn.Module, params: Dict[str, Tensor], x: Tensor, y: Tensor,
-                   head: str, modules: Iterable[str]) -> Tuple[Tensor, Dict[str, Tensor], Dict]:
+                   head: str, modules: Iterable[str], fn=None) -> Tuple[Tensor, Dict[str, Tensor], Dict]:
     """Cross-entropy loss on (x, y) through ``head``; first-order gradients for every
     parameter (detached), and the captured activations of ``modules``.
 
-    The forward runs on detached leaves, so no graph reaches earlier meta-steps.
+    The forward runs on detached leaves, so no graph reaches earlier meta-steps. ``fn``: the
+    network's evaluator (:func:`functional`; default: the module's own code).
     """
+    fn = fn or ModuleFunctional(model)
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    with ActivationCapture(model, modules) as acts:
-        loss = F.cross_entropy(logits(model, leaves, x, head), y)
+    out, acts = fn.logits_and_acts(leaves, x, head, modules)
+    loss = F.cross_entropy(out, y)
     names = list(leaves)
     gs = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
     grads = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(names, gs)}
-    return loss.detach(), grads, dict(acts)
+    return loss.detach(), grads, acts
 
 
 def fresh_head_b(w0: Dict[str, Tensor], gen: torch.Generator) -> Dict[str, Tensor]:

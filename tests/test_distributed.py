@@ -70,6 +70,7 @@ def _worker(rank, port, out_dir, result_dir, crash_at, resume, cap=None):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     res = {"rank": rank}
+    sync = None
     try:
         sync, dev = init_distributed("cpu", timeout_s=30)
         rec = RecordingSync(sync)
@@ -91,11 +92,12 @@ def _worker(rank, port, out_dir, result_dir, crash_at, resume, cap=None):
                                          {"max_total_steps": cap, "chunk_episodes": 1}, progress=True,
                                          log=lambda *_: None, sync=rec)
             res.update(params=rec.params, flags=rec.flags, hist=hist, final=rec.params[-1])
-        shutdown(sync)
     except DistributedError as e:
         res["error"] = str(e)
     except Exception:
         res["error"] = traceback.format_exc()
+    finally:        # as the CLI does: leave the group on the error path too (else gloo's worker
+        shutdown(sync)  # thread may still hold a tensor at interpreter exit: SIGABRT)
     torch.save(res, os.path.join(result_dir, f"rank{rank}.pt"))
 
 

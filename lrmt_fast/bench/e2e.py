@@ -7,7 +7,6 @@ Used by :mod:`lrmt_fast.bench.e2e_exp1_metatrain` (Exp 1 MNIST) and
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import tempfile
@@ -16,7 +15,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def device_label(device: str) -> str:
@@ -63,15 +61,19 @@ def time_impls(model, make_stream: Callable[[], object], metatrain_cfg: Dict, ep
 
 
 def write_record(case: str, stem: str, device: str, rows: List[Dict], out: Optional[str], log=print,
-                 **extra) -> str:
-    """Write the record to ``out``, by default ``benchmarks/results/<stem>_<device>.json``."""
+                 update_records: bool = False, **extra) -> str:
+    """Write the record (atomically) to ``out``, by default ``runs/bench/<stem>_<device>.json``;
+    with ``update_records`` also to the committed records, ``benchmarks/results/``."""
+    from lrmt_fast.checkpoint import atomic_write_json
+
+    from .measure import DEFAULT_OUT, git_commit, records_dir
     dev = device_label(device)
-    from .measure import git_commit
     rec = {"case": case, "device": dev, "threads": torch.get_num_threads(), "rows": rows, "commit": git_commit(),
            "date": datetime.date.today().isoformat(), "load_avg": os.getloadavg(), **extra}
-    out = out or os.path.join(RESULTS, f"{stem}_{dev}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(rec, f, indent=1)
-    log(f"wrote {out}")
+    name = f"{stem}_{dev}.json"
+    out = out or os.path.join(DEFAULT_OUT, name)
+    paths = [out] + ([os.path.join(records_dir(), name)] if update_records else [])
+    for path in dict.fromkeys(os.path.abspath(x) for x in paths):
+        atomic_write_json(path, rec, what="benchmark record", indent=1)
+        log(f"wrote {path}")
     return out

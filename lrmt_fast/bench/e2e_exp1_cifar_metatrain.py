@@ -14,7 +14,8 @@ data cannot reach. How many steps an episode runs does depend on them (the curri
 threshold), so ``--max-steps`` fixes an upper length for the timing and the record gives both
 seconds per inner step and per episode; the ``quick`` meta-training's time is estimated from
 its step budget (``max_total_steps``). Writes
-``benchmarks/results/e2e_exp1_cifar_metatrain_<device>.json``.
+``runs/bench/e2e_exp1_cifar_metatrain_<device>.json`` (``--update-records``: also
+``benchmarks/results/``).
 """
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ def main(argv=None) -> int:
     p.add_argument("--impls", default="fused,reference")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="record file (default runs/bench/<name>_<device>.json)")
+    p.add_argument("--update-records", action="store_true",
+                   help="also write the committed copy under benchmarks/results/")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -84,6 +87,7 @@ def main(argv=None) -> int:
               + (f", x{ratio:.2f} vs reference" if ratio else "")
               + (f", {a.profile} meta-training ({cap} steps) ~ {cap * r['s_per_step'] / 60:.1f} min" if cap else ""))
     write_record(f"exp1_cifar_{a.profile}_metatrain", "e2e_exp1_cifar_metatrain", a.device, rows, a.out,
+                 update_records=a.update_records,
                  profile=a.profile, episodes=a.episodes, max_steps=mt.get("max_steps"), data=data,
                  task_a=a.taskA_ckpt or "untrained (seeded)", budget_max_total_steps=cap)
     return 0

@@ -7,7 +7,8 @@ Both paths meta-train the same number of episodes from the same seed (the same T
 checkpoint, batches and curriculum; the episodes' lengths can differ only where the two
 paths' float32 results differ). It prints the seconds per inner step of each path and, from
 them, the estimated wall time of the whole ``quick`` meta-training (``max_total_steps`` of the
-profile), and writes ``benchmarks/results/e2e_exp1_metatrain_<device>.json``.
+profile), and writes ``runs/bench/e2e_exp1_metatrain_<device>.json`` (``--update-records``: also
+``benchmarks/results/``).
 """
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--cache", default=os.path.join("runs", "e2e_cache"), help="Task A checkpoint cache")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="record file (default runs/bench/<name>_<device>.json)")
+    p.add_argument("--update-records", action="store_true",
+                   help="also write the committed copy under benchmarks/results/")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -56,7 +59,8 @@ def main(argv=None) -> int:
             r["quick_metatrain_estimate_s"] = round(cap * r["s_per_step"], 1)
         print(f"{r['impl']:9s}: {1e3 * r['s_per_step']:.1f} ms/step, x{r['speedup_vs_reference']:.2f} vs reference"
               + (f", quick meta-training ({cap} steps) ~ {r['quick_metatrain_estimate_s'] / 60:.1f} min" if cap else ""))
-    write_record("exp1_mnist_quick_metatrain", "e2e_exp1_metatrain", a.device, rows, a.out, episodes=a.episodes,
+    write_record("exp1_mnist_quick_metatrain", "e2e_exp1_metatrain", a.device, rows, a.out,
+                 update_records=a.update_records, episodes=a.episodes,
                  quick_max_total_steps=cap)
     return 0
 

@@ -14,6 +14,24 @@ import torch
 from .cases import Case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# where every benchmark writes by default: runs/ of the working folder (ignored by git in a checkout),
+# never the package tree or the committed records
+DEFAULT_OUT = os.path.join("runs", "bench")
+
+
+def records_dir() -> str:
+    """``benchmarks/results/`` of this checkout: the committed records, written only on request
+    (``--update-records``)."""
+    return os.path.join(os.path.dirname(ROOT), "benchmarks", "results")
+
+
+def out_dirs(out: str, update_records: bool = False) -> List[str]:
+    """The folders a benchmark writes its files to: ``out``, plus the committed records' folder
+    with ``update_records``."""
+    dirs = [out]
+    if update_records and os.path.abspath(records_dir()) != os.path.abspath(out):
+        dirs.append(records_dir())
+    return dirs
 
 
 # --------------------------------------------------------------------------------------
@@ -152,10 +170,24 @@ def time_cases_interleaved(cases: List[Case], min_time: float = 2.0, block_s: fl
     return times
 
 
+def quiet_kineto_without_gpu() -> None:
+    """Silence kineto's log when no CUDA GPU is usable, before the first profiler use.
+
+    torch.profiler (kineto) queries the CUDA devices' properties for the trace's metadata when it
+    stops, even for a CPU-only trace; on a machine with a CUDA build of torch but no usable GPU
+    that query fails and kineto logs "ERROR: ... gpuGetDeviceCount failed with code 35" (35:
+    insufficient driver), plus its stage lines, into a good CPU run. The query cannot be turned
+    off from Python; kineto's log level (``KINETO_LOG_LEVEL``, read when the profiler first
+    starts) can. Left alone when the user set it or a GPU is present."""
+    if "KINETO_LOG_LEVEL" not in os.environ and not torch.cuda.is_available():
+        os.environ["KINETO_LOG_LEVEL"] = "6"    # above every level kineto logs at
+
+
 def _cpu_alloc_peak(fn) -> int:
     """Peak of the bytes live in the c10 CPU allocator during ``fn()``, above the level at its
     start: the profiler's memory events (each allocation +n, each free -n) in time order."""
     from torch.profiler import ProfilerActivity, profile
+    quiet_kineto_without_gpu()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events()
@@ -177,15 +209,21 @@ def peak_memory(case: Case) -> Dict:
     """
     case.fn()  # warm (workspaces, allocator caches)
     case.sync()
-    if case.device.startswith("cuda"):
+    return peak_memory_of(case.fn, case.device)
+
+
+def peak_memory_of(fn, device: str = "cpu") -> Dict:
+    """:func:`peak_memory` of one call of ``fn`` (not warmed here)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        case.fn()
-        case.sync()
+        fn()
+        torch.cuda.synchronize()
         return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated() - base),
                 "peak_mem_method": "torch.cuda.max_memory_allocated - allocated before the call"}
     try:
-        peak = _cpu_alloc_peak(case.fn)
+        peak = _cpu_alloc_peak(fn)
     except Exception as e:  # profiler unavailable: say so in the record
         return {"peak_mem_bytes": None, "peak_mem_method": f"unavailable: {type(e).__name__}: {e}"}
     return {"peak_mem_bytes": peak,

@@ -3,9 +3,12 @@
 Runs every case (benchmarks/cases.py) for the reference and the fused path (and the
 anchors: ``nn_lstm``, ``reference_compiled``) in this process on the same inputs, or
 reads a pytest-benchmark JSON file (``pytest benchmarks/ --benchmark-only
---benchmark-json FILE``; ``--from-json FILE``). Prints a table and writes
-``benchmarks/results/<device>.json`` (a list of records) and a roofline figure
-``benchmarks/results/<device>_roofline.png``.
+--benchmark-json FILE``; ``--from-json FILE``). Prints a table and writes ``<device>.json``
+(a list of records) and a roofline figure ``<device>_roofline.png`` under ``--out`` (default
+``runs/bench`` of the working folder), each file once at the end and atomically; the
+committed records in ``benchmarks/results/`` are rewritten only with ``--update-records``.
+``--e2e`` runs the end-to-end meta-training benchmark instead
+(:mod:`lrmt_fast.bench.e2e_lockstep`: K = 1, 4, 16 episodes in lockstep, fused and reference).
 
 Each record: case, device, impl, steps_per_s, synapse_updates_per_s, peak_mem_bytes,
 ratio_vs_reference, fraction_of_limit (the shape-derived lower bound on the step time,
@@ -23,26 +26,45 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-HELP = "benchmark the fused meta-update op against the reference (writes benchmarks/results/)"
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HELP = ("benchmark the fused meta-update op against the reference, or (--e2e) meta-training end to end "
+        "(writes under --out, default runs/bench; --update-records: benchmarks/results/)")
 DEFAULT_IMPLS = ("reference", "fused", "nn_lstm", "reference_compiled", "fused_graph")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from lrmt_fast.cli import positive_float
+
+    from . import e2e_lockstep
     from .cases import CASES
+    from .inner_step import _int_list
+    from .measure import DEFAULT_OUT
     p.add_argument("--device", default="cpu", help="cpu, cuda, or all (cpu and, when present, cuda); default cpu")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     p.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
                    help="comma-separated subset of reference, fused, nn_lstm, reference_compiled, fused_graph "
                         "(fused_graph: GPU update cases only)")
-    p.add_argument("--min-time", type=float, default=3.0, help="seconds of timed rounds per case and impl")
-    p.add_argument("--compile-timeout", type=float, default=300.0,
+    p.add_argument("--min-time", type=positive_float, default=3.0,
+                   help="seconds of timed rounds per case and impl (--e2e: per configuration)")
+    p.add_argument("--compile-timeout", type=positive_float, default=300.0,
                    help="seconds allowed for torch.compile + timing of the compiled reference, per case")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--threads", type=_int_list, default=None,
+                   help="torch threads (default: torch's default); --e2e takes a list, e.g. 1,2")
     p.add_argument("--from-json", default=None, metavar="FILE",
                    help="read a pytest-benchmark JSON file instead of measuring")
-    p.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="results folder (default runs/bench of the working folder)")
+    p.add_argument("--update-records", action="store_true",
+                   help="also write the committed records under benchmarks/results/ (deliberate updates only)")
     p.add_argument("--no-write", action="store_true", help="print the table only")
+    g = p.add_argument_group("end to end (--e2e)")
+    g.add_argument("--e2e", action="store_true",
+                   help="meta-training end to end instead of the op cases: ms per inner step, inner steps/s summed "
+                        "over K episodes in lockstep, fraction of the step's FLOP limit, peak memory, for each K "
+                        "and op (lrmt_fast.bench.e2e_lockstep)")
+    g.add_argument("--data-root", default=None,
+                   help="MNIST and FashionMNIST for --e2e (default: synthetic MNIST-shaped images)")
+    g.add_argument("--cache", default=os.path.join("runs", "e2e_cache"),
+                   help="folder of the Task A checkpoint for --e2e with --data-root")
+    e2e_lockstep.add_arguments(g, prefix="e2e-")
 
 
 def _devices(arg: str) -> List[str]:
@@ -243,13 +265,27 @@ def roofline_figure(records: List[Dict], path: str) -> Optional[str]:
 
 def _write(recs: List[Dict], out: str) -> Optional[str]:
     """Write the records of one device to ``out/<device>.json`` (atomically); returns the path."""
+    from lrmt_fast.checkpoint import atomic_write_json
     if not recs:
         return None
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"{recs[0]['device'].replace('/', '_')}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(recs, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write_json(path, recs, what="benchmark records", indent=1)
+    return path
+
+
+def _write_figure(recs: List[Dict], path: str) -> Optional[str]:
+    """The roofline figure, rendered in memory and written atomically."""
+    import tempfile
+
+    from lrmt_fast.checkpoint import atomic_write_bytes
+    with tempfile.TemporaryDirectory() as tmp:
+        fig = roofline_figure(recs, os.path.join(tmp, "roofline.png"))
+        if fig is None:
+            return None
+        with open(fig, "rb") as f:
+            data = f.read()
+    atomic_write_bytes(path, data, what="roofline figure")
     return path
 
 
@@ -257,10 +293,18 @@ def run(args) -> int:
     import torch
 
     from .cases import CASES
-    from .measure import results_stem
+    from .measure import out_dirs
 
+    if args.e2e:
+        from . import e2e_lockstep
+        if args.from_json or args.no_write:
+            raise ValueError("--e2e measures and writes its own record; --from-json / --no-write do not apply")
+        e2e_lockstep.run(args)
+        return 0
     if args.threads:
-        torch.set_num_threads(args.threads)
+        if len(args.threads) != 1:
+            raise ValueError(f"--threads: the op cases run at one thread count, got {args.threads} (--e2e takes a list)")
+        torch.set_num_threads(args.threads[0])
     if args.from_json:
         records = from_pytest_json(args.from_json)
         if not records:
@@ -276,19 +320,19 @@ def run(args) -> int:
             raise ValueError(f"unknown case(s) / impl(s): {bad}")
         by_dev = {}
         for dev in _devices(args.device):
-            partial = None if args.no_write else (lambda rs: _write(rs, args.out))
-            recs = measure(dev, cases, impls, args.min_time, args.compile_timeout, after_case=partial)
+            recs = measure(dev, cases, impls, args.min_time, args.compile_timeout)
             by_dev[recs[0]["device"] if recs else dev] = recs
     for dev, recs in by_dev.items():
         print()
         print(table(recs))
         if args.no_write:
             continue
-        path = _write(recs, args.out)
-        stem = dev.replace("/", "_")
-        fig = roofline_figure(recs, os.path.join(args.out, f"{stem}_roofline.png"))
-        print(f"wrote {path}" + (f" and {fig}" if fig else ""))
-    _ = results_stem
+        # every file once, at the end, atomically: into --out, and into the committed records only
+        # when asked (--update-records)
+        for d in out_dirs(args.out, args.update_records):
+            path = _write(recs, d)
+            fig = _write_figure(recs, os.path.join(d, f"{dev.replace('/', '_')}_roofline.png"))
+            print(f"wrote {path}" + (f" and {fig}" if fig else ""))
     return 0
 
 

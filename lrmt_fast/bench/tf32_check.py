@@ -11,24 +11,25 @@ and compares each against the float64 CPU reference:
 
 The rule (docs/method.md section 2, the tolerance rule): an impl may use TF32 only if its error stays
 within 2x the error of the float32 reference with TF32 off. It also times the fused update
-both ways (CUDA events, median of 50). Writes ``benchmarks/results/<device>_tf32.json``.
+both ways (CUDA events, median of 50). Writes ``runs/bench/<device>_tf32.json`` (``--update-records``:
+also ``benchmarks/results/``).
 
   python -m lrmt_fast.bench.tf32_check            # on a machine with a CUDA GPU
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from typing import Dict, List
 
 import torch
 
-from .cases import LR, adapted_params, build_student, train_window_grads
-from .measure import device_name, git_commit, now, results_stem
+from lrmt_fast.checkpoint import atomic_write_json
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from .cases import LR, adapted_params, build_student, train_window_grads
+from .measure import DEFAULT_OUT, device_name, git_commit, now, out_dirs, results_stem
+
 SEEDS = {"lenet": 0, "resnet32": 5}   # the seeds of tests/test_fused_ops.py (no ReLU at its kink)
 
 
@@ -103,18 +104,19 @@ def check(device: str = "cuda", models=("lenet", "resnet32"), log=print) -> List
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--out", default=DEFAULT_OUT, help="results folder (default runs/bench)")
+    p.add_argument("--update-records", action="store_true",
+                   help="also write the committed copy under benchmarks/results/")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("tf32_check: no CUDA GPU here (TF32 is a GPU mode)")
         return 1
     recs = check(args.device)
     meta = {"commit": git_commit(), "date": now(), "torch_version": torch.__version__}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{results_stem(args.device)}_tf32.json")
-    with open(path, "w") as f:
-        json.dump([{**r, **meta} for r in recs], f, indent=1)
-    print(f"wrote {path}")
+    for d in out_dirs(args.out, args.update_records):
+        path = os.path.join(d, f"{results_stem(args.device)}_tf32.json")
+        atomic_write_json(path, [{**r, **meta} for r in recs], what="benchmark record", indent=1)
+        print(f"wrote {path}")
     return 0
 
 
