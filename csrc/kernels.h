@@ -1,10 +1,10 @@
 // Device kernels of the fused meta-update step (pointwise / reduction stages).
 //
 // Plain C++ (no ATen) so that the same argument structs are shared by the CPU
-// implementation (cpu_kernels.cpp) and the CUDA one (cuda_kernels.cu). The
-// orchestration (forward.cpp, backward.cpp) runs the GEMMs through ATen and calls these
-// kernels between them. All matrices are row-major and dense unless a stride is
-// given. Notation: rows = Cout (neurons), H = LSTM hidden size, G4 = 4H.
+// implementation (cpu_kernels_forward.cpp, cpu_kernels_backward.cpp) and the CUDA one
+// (cuda_kernels.cu). The orchestration (forward.cpp, backward.cpp) runs the GEMMs through
+// ATen and calls these kernels between them. All matrices are row-major and dense unless a
+// stride is given. Notation: rows = Cout (neurons), H = LSTM hidden size, G4 = 4H.
 #pragma once
 
 #include <cstdint>
@@ -187,20 +187,26 @@ struct FinalizeArgs {
   template <typename T> void relu(const T* x, T* y, int64_t n);    \
   }
 
-// Explicit instantiation of every kernel entry point for one element type; each backend's
-// source file (cpu_kernels.cpp, cuda_kernels.cu) ends with LRMT_INSTANTIATE_KERNELS(float)
-// and (double) inside its namespace, so the two lists cannot drift from the declarations.
-#define LRMT_INSTANTIATE_KERNELS(T)                           \
+// Explicit instantiation of every kernel entry point for one element type, inside the
+// backend's namespace, so the lists cannot drift from the declarations. cuda_kernels.cu ends
+// with LRMT_INSTANTIATE_KERNELS(float) and (double); the CPU backend is two files, so
+// cpu_kernels_forward.cpp instantiates the forward half and cpu_kernels_backward.cpp the
+// backward half (the two halves together are LRMT_INSTANTIATE_KERNELS).
+#define LRMT_INSTANTIATE_FORWARD_KERNELS(T)                   \
   template void prep<T>(const PrepArgs<T>&);                  \
   template void cell_fwd<T>(const CellFwdArgs<T>&);           \
   template void out_fwd<T>(const OutFwdArgs<T>&);             \
-  template void fscale<T>(const FscaleArgs<T>&);              \
+  template void fscale<T>(const FscaleArgs<T>&);
+#define LRMT_INSTANTIATE_BACKWARD_KERNELS(T)                  \
   template void out_bwd<T>(const OutBwdArgs<T>&);             \
   template void cell_bwd<T>(const CellBwdArgs<T>&);           \
   template void col_reduce<T>(const ColReduceArgs<T>&);       \
   template void row_dot<T>(const RowDotArgs<T>&);             \
   template void finalize<T>(const FinalizeArgs<T>&);          \
   template void relu<T>(const T*, T*, int64_t);
+#define LRMT_INSTANTIATE_KERNELS(T)   \
+  LRMT_INSTANTIATE_FORWARD_KERNELS(T) \
+  LRMT_INSTANTIATE_BACKWARD_KERNELS(T)
 
 LRMT_DECLARE_KERNELS(cpu)
 #ifdef LRMT_WITH_CUDA

@@ -5,10 +5,10 @@
 // feature scaling, the 3 stacked LSTM cells, the output layer, the gate and the
 // weight update. GEMMs go through ATen (MKL/oneDNN on CPU, cuBLAS on CUDA) into
 // reused workspaces; everything between two GEMMs is one fused kernel
-// (kernels.h; cpu_kernels.cpp and cuda_kernels.cu). The first cell's input GEMM is
-// split by feature group (w@Ww^T + g@Wg^T + pre@Wpre^T + post*Wpost) so the
-// features [w | g | pre | post] are never materialised; a shared `pre` becomes a
-// bias vector computed once per layer.
+// (kernels.h; cpu_kernels_forward.cpp, cpu_kernels_backward.cpp and cuda_kernels.cu).
+// The first cell's input GEMM is split by feature group (w@Ww^T + g@Wg^T + pre@Wpre^T +
+// post*Wpost) so the features [w | g | pre | post] are never materialised; a shared `pre`
+// becomes a bias vector computed once per layer.
 //
 // Operators (torch.ops.lrmt_fast.*):
 //   meta_step(w, g, pre, post, h, c, theta, lr, fscale, save, snapshot)
@@ -24,7 +24,8 @@
 // (one resolved layer), dispatch.h (device dispatch of kernels.h), forward.cpp and
 // backward.cpp (one layer; backward.cpp also the backward operator), network.cpp (drivers
 // and forward operators), autograd.cpp (the Autograd-key kernels of both forward ops),
-// cpu_kernels.cpp / cuda_kernels.cu (the fused kernels), gemm.cpp, cpu_pool.cpp.
+// cpu_kernels_forward.cpp / cpu_kernels_backward.cpp (the fused CPU kernels, sharing
+// cpu_kernels_common.h) / cuda_kernels.cu (the fused CUDA kernels), gemm.cpp, cpu_pool.cpp.
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <torch/headeronly/version.h>
