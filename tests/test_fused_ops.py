@@ -14,21 +14,13 @@ from lrmt_fast import _ext, ops, reference
 from lrmt_fast.meta_learner import LayerLearner, MetaLearner, find_adapted_layers
 from lrmt_fast.models import LeNet, ResNetGN, resnet32_gn
 
-pytestmark = pytest.mark.skipif(not _ext.AVAILABLE, reason=f"lrmt_fast._C is not built: {_ext.ERROR}")
 
 F64 = torch.float64
 F32 = torch.float32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module: the machines these tests run on are shared, and
-    2-thread OpenMP regions under load stall at their barriers (10x slower, erratic). The
-    multi-threaded kernel paths are covered by test_network_step_two_threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.skipif(not _ext.AVAILABLE, reason=f"lrmt_fast._C is not built: {_ext.ERROR}"),
+              pytest.mark.usefixtures("one_thread")]     # one_thread: tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------

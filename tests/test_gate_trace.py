@@ -23,12 +23,7 @@ IMPLS = ["reference", pytest.param("fused", marks=pytest.mark.skipif(not ops.ava
                                                                       reason="fused extension not built"))]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 def perturbed_meta(model, seed=0):

@@ -28,12 +28,7 @@ F32, F64 = torch.float32, torch.float64
 EPS32 = torch.finfo(F32).eps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 def _tie_tensor(shape, seed, dtype=F32, nan=0.0, negzero=0.0):

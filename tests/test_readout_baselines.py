@@ -17,12 +17,7 @@ from lrmt_fast.student import param_dict
 from tinynet import TinyNet, tiny_data, tiny_two_tasks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)        # tiny tensors on a shared CPU
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 # --------------------------------------------------------------------------- synthetic features

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from lrmt_fast.checkpoint import load_checkpoint
-from test_exp1_cli import _one_thread, ROOT, run_cli, sub_env, write_fake_data  # noqa: F401 (autouse fixture)
+from test_exp1_cli import ROOT, run_cli, sub_env, write_fake_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

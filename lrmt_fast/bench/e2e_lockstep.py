@@ -38,14 +38,15 @@ from typing import Dict, List
 import torch
 
 from .inner_step import ENV_KEYS, StepRunner, _int_list, build_experiment, step_cost, time_interleaved
-from .measure import DEFAULT_OUT
+from ..cli import positive_float, positive_int
+from .measure import DEFAULT_OUT, GemmProbe, copy_bandwidth, cpu_model, device_name, gemm_peak, git_commit, \
+    load_average, now, peak_memory_of, write_records
 
 OPS = ("fused", "reference")
 
 
 def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """The options (``prefix`` "e2e-" inside ``lrmt bench``, where --threads, --out etc. are shared)."""
-    from lrmt_fast.cli import positive_float, positive_int
     if not prefix:
         p.add_argument("--data-root", default=None,
                        help="folder with MNIST and FashionMNIST (torchvision layout); default: synthetic images")
@@ -73,9 +74,6 @@ def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 def measure(data_root, cache, profile: str, device: str, threads: List[int], ops: List[str], ks: List[int],
             bptt: int, steps: int, min_time: float, log=print) -> Dict:
-    from .measure import GemmProbe, copy_bandwidth, cpu_model, device_name, gemm_peak, git_commit, load_average, \
-        now, peak_memory_of
-
     bad = [o for o in ops if o not in OPS]
     if bad:
         raise ValueError(f"unknown op implementation(s) {bad}; expected {list(OPS)}")
@@ -169,10 +167,6 @@ def table(out: Dict) -> str:
 
 
 def run(a, log=print) -> Dict:
-    from lrmt_fast.checkpoint import atomic_write_json, atomic_write_text
-
-    from .measure import device_name, out_dirs
-
     if a.device not in ("cpu", "cuda") and not str(a.device).startswith("cuda:"):
         raise ValueError(f"the end-to-end benchmark runs on one device (cpu or cuda), got {a.device!r}")
     threads = a.threads if isinstance(a.threads, (list, tuple)) else [a.threads or torch.get_num_threads()]
@@ -183,11 +177,7 @@ def run(a, log=print) -> Dict:
     log("")
     log(txt)
     stem = f"e2e_lockstep_{device_name(a.device).replace('/', '_')}"
-    for d in out_dirs(a.out, a.update_records):
-        os.makedirs(d, exist_ok=True)
-        atomic_write_json(os.path.join(d, stem + ".json"), out, what="benchmark record")
-        atomic_write_text(os.path.join(d, stem + ".txt"), txt + "\n", what="benchmark table")
-        log(f"wrote {os.path.join(d, stem)}.json and .txt")
+    write_records(a.out, a.update_records, stem, out, txt, log)
     return out
 
 

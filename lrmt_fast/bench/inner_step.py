@@ -51,7 +51,17 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .measure import DEFAULT_OUT
+from .. import suite
+from ..cli import positive_float, positive_int
+from ..config import config_path, load_spec
+from ..meta_training import FreshHeadStream, _episode_gen, build_meta_learner, make_teacher, meta_optimizer, \
+    run_episode, schedule
+from ..models import LeNet
+from ..pretrain import load_or_pretrain
+from ..student import param_dict
+from .cases import layer_cost
+from .measure import DEFAULT_OUT, GemmProbe, copy_bandwidth, cpu_model, device_name, gemm_peak, git_commit, \
+    load_average, now, write_records
 
 # the environment that decides how threads behave (recorded with the results)
 ENV_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "LRMT_IMPL", "LRMT_CPU_BLAS")
@@ -133,7 +143,6 @@ def step_cost(model: nn.Module, meta, batch_a: int, batch_b: int, bptt: int, in_
     that: the saved input and the incoming gradient read, two gradients written), reads the
     weights once; plus the op's compulsory bytes and Adam's (theta, its gradient and two moments
     read, three written)."""
-    from .cases import layer_cost
 
     layers = layer_shapes(model, torch.zeros(in_shape))
     heads = [l for l in layers if l["name"].startswith("head_")]
@@ -195,7 +204,6 @@ class StepRunner:
 
     def __init__(self, model, stream, mcfg, impl: str, threads: int, steps: int, bptt: int, device: str = "cpu",
                  k_eps: int = 1, op_impl: Optional[str] = None, name: Optional[str] = None):
-        from lrmt_fast.meta_training import build_meta_learner, make_teacher, meta_optimizer
         self.model, self.stream, self.impl, self.threads = model, stream, impl, threads
         self.steps, self.bptt, self.k_eps, self.op_impl = steps, bptt, k_eps, op_impl
         self.cfg = dataclasses.replace(mcfg, max_steps=steps, thresh_start=float("inf"), thresh_max=float("inf"),
@@ -215,7 +223,6 @@ class StepRunner:
     def run_block(self, timed: bool = True, steps: Optional[int] = None):
         """One episode (K in lockstep) of ``steps`` (default: the runner's) inner steps; with
         ``timed`` its wall time and stage times are added to this runner's."""
-        from lrmt_fast.meta_training import _episode_gen, run_episode
         torch.set_num_threads(self.threads)
         if steps is not None and steps != self.cfg.max_steps:
             saved, self.cfg = self.cfg, dataclasses.replace(self.cfg, max_steps=steps)
@@ -340,9 +347,6 @@ def estimate_metatraining(recs: List[Dict], profile: str, episode_steps: int) ->
     the measured windows, then summed over the profile's episodes (its T-BPTT schedule), each of
     ``episode_steps`` steps (its curriculum may end episodes earlier or later: the length is an
     assumption, stated in the record)."""
-    from lrmt_fast import suite
-    from lrmt_fast.config import config_path, load_spec
-    from lrmt_fast.meta_training import schedule
 
     exp = suite.get("exp1-mnist")
     cfg = load_spec(config_path(exp.config), profile, exp.pretrain_cls).metatrain
@@ -419,22 +423,16 @@ def build_experiment(data_root: Optional[str], cache: str, profile: str = "quick
     Task A checkpoint (``cache``; trained there first if absent) with ``data_root``, else random
     MNIST-shaped images and the seeded untrained LeNet (the same shapes, hence the same time per
     inner step; the curriculum is disabled for the timing anyway)."""
-    from lrmt_fast import suite
-    from lrmt_fast.config import config_path, load_spec
-    from lrmt_fast.meta_training import FreshHeadStream
-    from lrmt_fast.student import param_dict
 
     exp = suite.get("exp1-mnist")
     spec = load_spec(config_path(exp.config), profile, exp.pretrain_cls)
     mt = spec.metatrain
     if data_root:
-        from lrmt_fast.pretrain import load_or_pretrain
         tasks = exp.load_tasks(spec, suite.Sources(data_root=data_root, download=False))
         model, _ = load_or_pretrain(cache, tasks.a, tasks.b.num_classes, spec.pretrain, device, False, log)
         (xa, ya), (xb1, yb1) = (tasks.a.train_x, tasks.a.train_y), tasks.b1
         data = f"MNIST / FashionMNIST from {data_root}, Task A checkpoint from {cache}"
     else:
-        from lrmt_fast.models import LeNet
         torch.manual_seed(spec.pretrain.seed)
         model = LeNet().to(device)
         (xa, ya), (xb1, yb1) = synthetic_mnist(4096, 1), synthetic_mnist(4096, 2)
@@ -454,7 +452,6 @@ def _int_list(text: str) -> List[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from lrmt_fast.cli import positive_float, positive_int
     p.add_argument("--data-root", default=None,
                    help="folder with MNIST and FashionMNIST (torchvision layout); default: synthetic images")
     p.add_argument("--cache", default=os.path.join("runs", "e2e_cache"),
@@ -478,11 +475,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a, log=print) -> Dict:
-    from lrmt_fast.checkpoint import atomic_write_json, atomic_write_text
-
-    from .measure import GemmProbe, copy_bandwidth, cpu_model, device_name, gemm_peak, git_commit, load_average, \
-        now, out_dirs
-
     impls = [i.strip() for i in a.impls.split(",") if i.strip()]
     for i in impls:
         step_impl_kwargs(i)
@@ -524,11 +516,7 @@ def run(a, log=print) -> Dict:
     log("")
     log(txt)
     stem = f"inner_step_{device_name(a.device).replace('/', '_')}"
-    for d in out_dirs(a.out, a.update_records):
-        os.makedirs(d, exist_ok=True)
-        atomic_write_json(os.path.join(d, stem + ".json"), out, what="benchmark record")
-        atomic_write_text(os.path.join(d, stem + ".txt"), txt + "\n", what="benchmark table")
-        log(f"wrote {os.path.join(d, stem)}.json and .txt")
+    write_records(a.out, a.update_records, stem, out, txt, log)
     return out
 
 

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..checkpoint import atomic_write_json, atomic_write_text
 from .cases import Case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +33,16 @@ def out_dirs(out: str, update_records: bool = False) -> List[str]:
     if update_records and os.path.abspath(records_dir()) != os.path.abspath(out):
         dirs.append(records_dir())
     return dirs
+
+
+def write_records(out: str, update_records: bool, stem: str, record, table: str, log=print) -> None:
+    """``<stem>.json`` (the record) and ``<stem>.txt`` (its table) into every folder of
+    :func:`out_dirs`, each written atomically."""
+    for d in out_dirs(out, update_records):
+        os.makedirs(d, exist_ok=True)
+        atomic_write_json(os.path.join(d, stem + ".json"), record, what="benchmark record")
+        atomic_write_text(os.path.join(d, stem + ".txt"), table + "\n", what="benchmark table")
+        log(f"wrote {os.path.join(d, stem)}.json and .txt")
 
 
 # --------------------------------------------------------------------------------------
