@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
-from lrmt_fast import ops, reference
+from lrmt_fast import reference
 from lrmt_fast.meta_learner import AdaptedLayer, MetaLearner, feature_scale, find_adapted_layers, op_pre_post, \
     pack_rows, unpack_rows
 from lrmt_fast.models import LeNet, resnet32_gn

@@ -174,10 +174,7 @@ def run(a, log=print) -> Dict:
     out = measure(a.data_root, a.cache, a.e2e_profile, a.device, list(threads), ops, list(a.e2e_k),
                   a.e2e_bptt, a.e2e_steps or 2 * a.e2e_bptt, a.min_time, log)
     txt = table(out)
-    log("")
-    log(txt)
-    stem = f"e2e_lockstep_{device_name(a.device).replace('/', '_')}"
-    write_records(a.out, a.update_records, stem, out, txt, log)
+    write_records(a.out, a.update_records, "e2e_lockstep", a.device, out, txt, log)
     return out
 
 

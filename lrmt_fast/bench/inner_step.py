@@ -513,10 +513,7 @@ def run(a, log=print) -> Dict:
     txt = table(recs, costs[bptts[0]])
     if estimate:
         txt += "\n" + estimate_text(estimate)
-    log("")
-    log(txt)
-    stem = f"inner_step_{device_name(a.device).replace('/', '_')}"
-    write_records(a.out, a.update_records, stem, out, txt, log)
+    write_records(a.out, a.update_records, "inner_step", a.device, out, txt, log)
     return out
 
 

@@ -35,9 +35,12 @@ def out_dirs(out: str, update_records: bool = False) -> List[str]:
     return dirs
 
 
-def write_records(out: str, update_records: bool, stem: str, record, table: str, log=print) -> None:
-    """``<stem>.json`` (the record) and ``<stem>.txt`` (its table) into every folder of
-    :func:`out_dirs`, each written atomically."""
+def write_records(out: str, update_records: bool, name: str, device: str, record, table: str, log=print) -> None:
+    """Log ``table``, then write ``<name>_<device>.json`` (the record) and ``.txt`` (the table) into
+    every folder of :func:`out_dirs`, each atomically."""
+    log("")
+    log(table)
+    stem = f"{name}_{device_name(device).replace('/', '_')}"
     for d in out_dirs(out, update_records):
         os.makedirs(d, exist_ok=True)
         atomic_write_json(os.path.join(d, stem + ".json"), record, what="benchmark record")
