@@ -16,7 +16,7 @@ that lacks them). Data are anything indexable that yields ``(x, y)`` pairs: a ``
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn

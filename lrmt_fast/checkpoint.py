@@ -246,7 +246,7 @@ def load_checkpoint(path: str, required: Iterable[str] = (), what: str = "checkp
         raise CheckpointError(f"{what} not found: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"{what} {path} is a folder; expected a checkpoint file")
-    expected = (f"expected a torch checkpoint written by lrmt_fast"
+    expected = ("expected a torch checkpoint written by lrmt_fast"
                 + (f" (a dict with the keys {required})" if required else ""))
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)

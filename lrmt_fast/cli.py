@@ -17,7 +17,7 @@ import json
 import os
 import signal
 import sys
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, config_path, load_spec, profile_names

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch

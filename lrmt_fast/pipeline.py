@@ -34,7 +34,7 @@ from torch import nn
 from . import results as R
 from .baselines import OURS_UPDATE_OPTIONS
 from .checkpoint import atomic_write_json, load_checkpoint
-from .config import ConfigError, ExperimentSpec
+from .config import ExperimentSpec
 from .data.tasks import TwoTasks
 from .distributed import DistSync, broadcast_object
 from .meta_test import run_meta_test, sha_file
