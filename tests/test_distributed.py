@@ -209,6 +209,34 @@ def test_ranks_identical_after_every_step_and_match_single_process_average(full_
     torch.testing.assert_close(r0["final"], ref_final, rtol=1e-5, atol=1e-6)
 
 
+class _SlotStreams:
+    """One process's stream for K = WORLD episodes in lockstep: the j-th episode drawn in each
+    lockstep step comes from rank j's stream, as rank j of the distributed run draws it."""
+
+    def __init__(self, streams):
+        self.streams, self.calls = streams, 0
+
+    def new_episode(self, i, gen):
+        s = self.streams[self.calls % len(self.streams)]
+        self.calls += 1
+        return s.new_episode(i, gen)
+
+
+def test_k_episodes_in_one_process_equal_k_ranks(full_run):
+    """metatrain with episodes_per_step = 2 in one process takes the steps of the 2-rank gloo run:
+    the same episode lengths and restarts (the lockstep OR), and the final theta within float32
+    rounding (the ranks' all-reduce mean against one process's accumulated L_k / K)."""
+    torch.set_num_threads(1)
+    model = _model()
+    stream = _SlotStreams([_stream(model, r) for r in range(WORLD)])
+    meta, hist = metatrain(model, stream, _cfg(episodes_per_step=WORLD), progress=False)
+    r0 = full_run[0]
+    assert [h["steps"] for h in hist] == [h["steps"] for h in r0["hist"]]
+    assert [h["restarted"] for h in hist] == [h["restarted"] for h in r0["hist"]]
+    torch.testing.assert_close(_flat(meta), r0["final"], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(r0["final"], r0["params"][0])
+
+
 def test_killed_run_stops_with_clear_error_and_resumes(full_run, tmp_path):
     out = str(tmp_path / "run")
     codes, res = _launch(str(tmp_path), out, crash_at=2)
